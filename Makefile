@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything installs from here.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint ui bench clean
+
+$(BIN)/batch-defs: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/batch-defs
+
+demo: install
+	$(BIN)/batch-defs run demo
+
+test: install
+	bash scripts/ensure-postgres.sh
+	$(BIN)/ruff check .
+	$(BIN)/mypy batch_defs assets resources sensors
+	$(BIN)/dagster definitions validate -w workspace.yaml
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/pytest -m "unit" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy batch_defs assets resources sensors
+
+ui: install
+	$(BIN)/python -m batch_defs.instance >/dev/null
+	$(BIN)/dagster dev -w workspace.yaml
+
+bench: install
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .dagster_home .tmp_dagster_home_* .pytest_cache .ruff_cache .mypy_cache

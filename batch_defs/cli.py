@@ -1,0 +1,258 @@
+"""`batch-defs`: validate, list, run and inspect batches from the command line."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from batch_defs.loader import SpecError, batch_files, find_batch, load_batch, with_overrides
+
+console = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    sys.exit(code)
+
+
+def instance() -> Any:
+    import dagster as dg
+
+    from batch_defs.instance import ensure_dagster_home
+
+    ensure_dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def ledger_for(inst: Any) -> Any:
+    from resources.storage import BatchStorageResource
+
+    return BatchStorageResource().ledger(inst)
+
+
+def partition_key(data: str | None) -> str:
+    """A stable key from the data file's name (customers_2026_11.csv -> customers_2026_11),
+    else the launch time."""
+    if data:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).stem)
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+@click.group()
+def main() -> None:
+    """Batches described in YAML, run as partitioned Dagster jobs with an item ledger."""
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+def validate(paths: tuple[Path, ...]) -> None:
+    """Validate batch YAML files (default: every file in BATCH_DEFS_PATH)."""
+    problems = 0
+    files = batch_files(list(paths) if paths else None)
+    if not files:
+        fail("no batch files found", 1)
+    for file in files:
+        try:
+            loaded = load_batch(file)
+        except SpecError as exc:
+            problems += len(exc.problems)
+            for problem in exc.problems:
+                console.print(f"[red]{problem}[/red]", highlight=False)
+            continue
+        out.print(f"ok {file} ({loaded.spec.name}: {len(loaded.spec.phases)} phases)",
+                  highlight=False)
+    if problems:
+        fail(f"{problems} problem(s) in {len(files)} file(s)", 1)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_batches(as_json: bool) -> None:
+    """The batches, their partitions and the status of their last run."""
+    import dagster as dg
+
+    from batch_defs.loader import load_batches
+
+    inst = instance()
+    rows = []
+    for name, loaded in sorted(load_batches().items()):
+        partitions = inst.get_dynamic_partitions(name)
+        runs = inst.get_runs(filters=dg.RunsFilter(job_name=name), limit=1)
+        last = runs[0] if runs else None
+        rows.append({
+            "name": name, "description": loaded.spec.description,
+            "phases": [p.name for p in loaded.spec.phases], "partitions": partitions,
+            "last_run_id": last.run_id if last else None,
+            "last_status": last.status.value if last else None,
+            "last_partition": last.tags.get("dagster/partition") if last else None,
+        })
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("batch", "phases", "partitions", "last run", "status")
+    for row in rows:
+        partitions = ", ".join(row["partitions"][-3:]) + (" ..." if len(row["partitions"]) > 3
+                                                           else "")
+        table.add_row(row["name"], " -> ".join(row["phases"]),
+                      f"{len(row['partitions'])}: {partitions}" if row["partitions"] else "-",
+                      (row["last_run_id"] or "-")[:8], row["last_status"] or "-")
+    out.print(table)
+
+
+def _run_config(data: str | None, sets: tuple[str, ...], verbose: bool) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if data or sets:
+        overrides: dict[str, Any] = {"overrides": list(sets)}
+        if data:
+            overrides["data"] = str(Path(data).expanduser().resolve())
+        config["resources"] = {"run_overrides": {"config": overrides}}
+    # The live progress bar replaces Dagster's step logs on the console; the event log in the
+    # instance keeps every event either way.
+    config["loggers"] = {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}
+    return config
+
+
+@main.command()
+@click.argument("name")
+@click.option("--partition", help="Partition key (default: from --data's file name, or time).")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="File replacing the spec's source.path for this run.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a spec field for this run, e.g. options.concurrency=4.")
+@click.option("--verbose", is_flag=True, help="Show Dagster's step logs too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def run(name: str, partition: str | None, data: str | None, sets: tuple[str, ...],
+        verbose: bool, as_json: bool) -> None:
+    """Run batch NAME in this process against the instance in DAGSTER_HOME."""
+    import dagster as dg
+    from dagster._core.definitions.reconstruct import build_reconstructable_job
+
+    from batch_defs.watch import watch_run
+
+    try:
+        loaded = find_batch(name)
+        with_overrides(loaded.spec, data, sets)  # report bad overrides before launching
+    except SpecError as exc:
+        fail(str(exc))
+    inst = instance()
+    key = partition or partition_key(data)
+    if not inst.has_dynamic_partition(name, key):
+        inst.add_dynamic_partitions(name, [key])
+    job = build_reconstructable_job("batch_defs.definitions", "get_job",
+                                    reconstructable_args=(name,))
+    launched = time.time()
+    done = threading.Event()
+    watcher = threading.Thread(
+        target=watch_run, args=(ledger_for(inst), name, key, launched, done, console),
+        daemon=True)
+    if not as_json:
+        watcher.start()
+    try:
+        result = dg.execute_job(job, instance=inst, run_config=_run_config(data, sets, verbose),
+                                tags={"dagster/partition": key, "batch/launched_by": "cli"})
+    finally:
+        done.set()
+        if watcher.is_alive():
+            watcher.join()
+    print_summary(inst, result.run_id, as_json)
+    sys.exit(0 if result.success else 1)
+
+
+def print_summary(inst: Any, run_id: str, as_json: bool) -> None:
+    from batch_defs.watch import run_report
+
+    report = run_report(inst, ledger_for(inst), run_id)
+    if as_json:
+        out.print_json(json.dumps(report, default=str))
+        return
+    from batch_defs.watch import render_report
+
+    out.print(render_report(report))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--watch", is_flag=True, help="Live progress bars until the run ends.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(run_id: str, watch: bool, as_json: bool) -> None:
+    """Counts per phase and status, throughput and ETA of a run."""
+    from batch_defs.watch import follow_run
+
+    inst = instance()
+    run_id = resolve_run_id(inst, run_id)
+    if watch:
+        follow_run(inst, ledger_for(inst), run_id, console)
+    print_summary(inst, run_id, as_json)
+
+
+def resolve_run_id(inst: Any, prefix: str) -> str:
+    """Full run id from a unique prefix (the UI and `list` show the first 8 characters)."""
+    if inst.get_run_by_id(prefix):
+        return prefix
+    import dagster as dg
+
+    matches = [r.run_id for r in inst.get_runs(filters=dg.RunsFilter(), limit=500)
+               if r.run_id.startswith(prefix)]
+    if len(matches) != 1:
+        fail(f"no run {prefix!r}" if not matches else f"run id {prefix!r} is ambiguous")
+    return matches[0]
+
+
+RESULT_COLUMNS = ["item_key", "phase", "status", "attempts", "error", "duration_s", "cost",
+                  "tokens", "reused_from", "input", "output"]
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]),
+              default="table")
+@click.option("--status", "status_filter", help="Only rows with this status (e.g. failed).")
+@click.option("--phase", help="Only rows of this phase.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+def results(run_id: str, fmt: str, status_filter: str | None, phase: str | None,
+            as_json: bool) -> None:
+    """Per-item rows of a run from the ledger."""
+    inst = instance()
+    run_id = resolve_run_id(inst, run_id)
+    rows = ledger_for(inst).rows(run_id, status=status_filter, phase=phase)
+    rows = rows[RESULT_COLUMNS]
+    fmt = "json" if as_json else fmt
+    if fmt == "csv":
+        click.echo(rows.to_csv(index=False), nl=False)
+    elif fmt in ("json", "jsonl"):
+        records = [{k: _decode(k, v) for k, v in r.items()} for r in rows.to_dict("records")]
+        if fmt == "json":
+            click.echo(json.dumps(records, indent=2, default=str))
+        else:
+            for record in records:
+                click.echo(json.dumps(record, default=str))
+    else:
+        table = Table("item", "phase", "status", "attempts", "duration", "error")
+        for r in rows.itertuples():
+            table.add_row(str(r.item_key), str(r.phase), str(r.status), str(r.attempts),
+                          f"{r.duration_s:.3f}s" if r.duration_s == r.duration_s and
+                          r.duration_s is not None else "-", str(r.error or ""))
+        out.print(table)
+
+
+def _decode(column: str, value: Any) -> Any:
+    if column in ("input", "output") and isinstance(value, str):
+        return json.loads(value)
+    if isinstance(value, float) and value != value:  # NaN from pandas for missing numbers
+        return None
+    return value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The one place that builds dg.Definitions: a job and a results asset per batch YAML file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import dagster as dg
+
+from batch_defs.factory import build_batch
+from batch_defs.loader import load_batches
+from resources import BatchStorageResource, RunOverridesResource
+
+
+def build_definitions(paths: Iterable[Path] | None = None) -> dg.Definitions:
+    assets, jobs = [], []
+    for loaded in load_batches(paths).values():
+        asset, job = build_batch(loaded)
+        assets.append(asset)
+        jobs.append(job)
+    return dg.Definitions(
+        assets=assets,
+        jobs=jobs,
+        resources={
+            "batch_storage": BatchStorageResource(),
+            "run_overrides": RunOverridesResource(),
+            # Outputs on disk, not in memory: re-execution from failure reloads chunks.
+            "io_manager": dg.FilesystemIOManager(),
+        },
+    )
+
+
+defs = build_definitions()
+
+
+def get_job(name: str) -> dg.JobDefinition:
+    """Entry point for reconstructable jobs (batch-defs run, multiprocess executor)."""
+    return defs.resolve_job_def(name)

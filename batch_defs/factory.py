@@ -1,0 +1,288 @@
+"""Builds a Dagster job from a batch spec: fan-out -> mapped phase ops -> collect -> after."""
+
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import (
+    UnresolvedAssetJobDefinition,  # what define_asset_job returns; not exported by dagster
+)
+
+from batch_defs.execution import PhaseRun, execute_chunk, retry_unfinished
+from batch_defs.items import Chunk, chunk_size, make_chunks, prepare_items
+from batch_defs.ledger import SOURCE_PHASE, Ledger
+from batch_defs.loader import LoadedBatch
+from batch_defs.progress import ProgressWindow
+from batch_defs.sources import SourceError, read_source
+from batch_defs.spec import BatchSpec, PhaseSpec
+from batch_defs.summary import summarize_run
+from batch_defs.tasks import Handler, build_handler
+from resources.storage import BatchStorageResource, RunOverridesResource
+
+RESOURCE_KEYS = {"batch_storage", "run_overrides"}
+PROGRESS_EVERY_S = 5.0
+_progress: dict[str, tuple[float, ProgressWindow]] = {}  # run id -> (last publish, window)
+
+
+def op_name(spec: BatchSpec, role: str) -> str:
+    """Op definitions need names unique in the code location; the graph shows them under
+    their role (fan_out, a phase name, collect) through aliases."""
+    return f"{spec.name}__{role}"
+
+
+def run_lineage(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
+    """Parent, grandparent, ... of a re-executed run."""
+    lineage, parent = [], run.parent_run_id
+    while parent:
+        lineage.append(parent)
+        parent_run = instance.get_run_by_id(parent)
+        parent = parent_run.parent_run_id if parent_run else None
+    return lineage
+
+
+class BatchStep:
+    """What every op of a batch needs: the effective spec, the ledger and run identity."""
+
+    def __init__(self, loaded: LoadedBatch, context: dg.OpExecutionContext):
+        overrides: RunOverridesResource = context.resources.run_overrides
+        storage: BatchStorageResource = context.resources.batch_storage
+        self.loaded, self.context = loaded, context
+        self.spec: BatchSpec = overrides.apply(loaded)
+        self.ledger: Ledger = storage.ledger(context.instance)
+        self.output_dir = storage.output_root(context.instance, self.spec.name)
+        self.partition = context.partition_key
+        self.run_id = context.run_id
+
+    def phase_run(self, phase: PhaseSpec) -> PhaseRun:
+        return PhaseRun(self.spec, phase, self.partition, self.run_id, self.loaded.base_dir,
+                        self.output_dir, log=self.context.log)  # type: ignore[arg-type]
+
+    def publish_progress(self, force: bool = False) -> None:
+        """Progress as run tags (the Dagster run list shows them) and a log line, throttled."""
+        last, window = _progress.setdefault(self.run_id, (0.0, ProgressWindow()))
+        now = time.monotonic()
+        if not force and now - last < PROGRESS_EVERY_S:
+            return
+        _progress[self.run_id] = (now, window)
+        run = self.ledger.run(self.run_id)
+        if run is None:
+            return
+        progress = window.progress(self.ledger.counts(self.run_id), run["phases"],
+                                   run["total_items"])
+        self.context.instance.add_run_tags(self.run_id, {
+            "batch/progress": progress.tag(),
+            "batch/failed": str(progress.failed + progress.invalid),
+        })
+        self.context.log.info(f"progress {progress.line()}")
+
+
+def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
+    @dg.op(name=op_name(loaded.spec, "fan_out"), out=dg.DynamicOut(Chunk), required_resource_keys=RESOURCE_KEYS,
+           description=f"Reads the {loaded.spec.source.type} source, validates items, "
+                       "records invalid ones and yields chunks.")
+    def fan_out(context: dg.OpExecutionContext) -> Iterator[dg.DynamicOutput[Chunk]]:
+        step = BatchStep(loaded, context)
+        spec = step.spec
+        try:
+            prepared = prepare_items(read_source(spec.source, loaded.base_dir),
+                                     spec.source.key, spec.source.schema_,
+                                     spec.options.max_items)
+        except SourceError as exc:
+            raise dg.Failure(f"source {spec.source.type}: {exc}", allow_retries=False) from exc
+        total = len(prepared.items)
+        step.ledger.start_run(step.run_id, spec.name, step.partition, total,
+                              [p.name for p in spec.phases], context.run.parent_run_id)
+        step.ledger.record([
+            {"batch": spec.name, "partition": step.partition, "run_id": step.run_id,
+             "phase": SOURCE_PHASE, "status": "invalid", **row} for row in prepared.invalid])
+        invalid = len(prepared.invalid)
+        if invalid:
+            first = prepared.invalid[0]
+            context.log.warning(f"{invalid} invalid items recorded, e.g. "
+                                f"{first['item_key']}: {first['error']}")
+        tolerated = spec.options.tolerated_count(total + invalid)
+        if spec.options.on_error == "fail_fast" and invalid > tolerated:
+            raise dg.Failure(f"{invalid} invalid items (tolerated {tolerated}); first: "
+                             f"{prepared.invalid[0]['error']}", allow_retries=False)
+        if not total:
+            raise dg.Failure(f"the source has no valid items ({invalid} invalid)",
+                             allow_retries=False)
+        size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
+        chunks = make_chunks(prepared.items, size, invalid)
+        context.log.info(f"{total} items in {len(chunks)} chunks of up to {size}")
+        context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
+        for chunk in chunks:
+            yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
+
+    return fan_out
+
+
+def phase_handler(loaded: LoadedBatch, phase: PhaseSpec) -> Handler:
+    """Built once per process and phase params (templates compiled, functions imported)."""
+    return _cached_handler(loaded, phase.task, json.dumps(phase.params, sort_keys=True))
+
+
+@lru_cache(maxsize=256)
+def _cached_handler(loaded: LoadedBatch, task: str, params_json: str) -> Handler:
+    return build_handler(task, json.loads(params_json), loaded.base_dir)
+
+
+def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
+    declared = loaded.spec.phases[index]
+
+    @dg.op(name=op_name(loaded.spec, declared.name), out=dg.Out(Chunk), required_resource_keys=RESOURCE_KEYS,
+           pool=declared.pool,
+           description=f"Phase {index + 1}: task {declared.task!r} on each item of a chunk.")
+    def run_phase(context: dg.OpExecutionContext, chunk: Chunk) -> Chunk:
+        step = BatchStep(loaded, context)
+        phase = step.spec.phases[index]
+        ledger = step.ledger
+        ledger.start_run(step.run_id, step.spec.name, step.partition, chunk.total_items,
+                         [p.name for p in step.spec.phases], context.run.parent_run_id)
+        # A stopped batch fails its remaining steps rather than skipping them, so that
+        # re-execution from failure picks them up again.
+        stopped = ledger.stop_reason(step.run_id)
+        if stopped:
+            raise dg.Failure(f"not started, the batch stopped: {stopped}", allow_retries=False)
+        result = execute_chunk(
+            ledger, step.phase_run(phase), chunk, phase_handler(loaded, phase),
+            failures_before=ledger.failed_items(step.run_id), on_flush=step.publish_progress,
+        )
+        context.log.info(f"{chunk.mapping_key}: {result.executed} run, {result.reused} reused, "
+                         f"{result.failed} failed")
+        if result.stop_reason:
+            ledger.request_stop(step.run_id, result.stop_reason)
+            step.publish_progress(force=True)
+            raise dg.Failure(result.stop_reason, allow_retries=False)
+        return Chunk(chunk.index, result.outputs, chunk.total_items, chunk.invalid_items)
+
+    return run_phase
+
+
+def retry_failed_items(step: BatchStep, lineage: list[str], chunks: list[Chunk]) -> None:
+    """On a re-execution, retry items that failed in steps Dagster does not re-run."""
+    unfinished = step.ledger.unfinished(step.run_id, lineage)
+    if not unfinished:
+        return
+    step.context.log.info(f"retrying {len(unfinished)} items that failed in earlier runs")
+    phases = step.spec.phases
+    result = retry_unfinished(
+        step.ledger, [step.phase_run(p) for p in phases],
+        [phase_handler(step.loaded, p) for p in phases], unfinished,
+        total_items=chunks[0].total_items if chunks else len(unfinished),
+        failures_before=step.ledger.failed_items(step.run_id),
+    )
+    if result and result.stop_reason:
+        step.ledger.request_stop(step.run_id, result.stop_reason)
+        raise dg.Failure(result.stop_reason, allow_retries=False)
+
+
+def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
+    @dg.op(name=op_name(loaded.spec, "collect"), required_resource_keys=RESOURCE_KEYS,
+           description="Completes the run's ledger rows, sums up and applies tolerated_failures.")
+    def collect(context: dg.OpExecutionContext, chunks: list[Chunk]) -> dict[str, Any]:
+        step = BatchStep(loaded, context)
+        lineage = run_lineage(context.instance, context.run)
+        retry_failed_items(step, lineage, chunks)
+        copied = step.ledger.carry_over(step.run_id, lineage)
+        if copied:
+            context.log.info(f"{copied} ledger rows carried over from earlier runs")
+        summary = summarize_run(step.ledger, step.run_id)
+        summary["tolerated_failures"] = step.spec.options.tolerated_count(summary["items"])
+        step.publish_progress(force=True)
+        ok = summary["failed_items"] <= summary["tolerated_failures"]
+        step.ledger.finish_run(step.run_id, "succeeded" if ok else "failed", summary)
+        if not ok:
+            raise dg.Failure(
+                f"{summary['failed_items']} items failed or were invalid, more than the "
+                f"{summary['tolerated_failures']} tolerated",
+                metadata={k: v for k, v in summary.items() if isinstance(v, int | float)},
+                allow_retries=False,
+            )
+        return summary
+
+    return collect
+
+
+def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinition:
+    @dg.op(name=op_name(loaded.spec, name), required_resource_keys=RESOURCE_KEYS,
+           description=f"After step {index + 1}: {loaded.spec.after[index].task}.")
+    def after(context: dg.OpExecutionContext, summary: dict[str, Any]) -> dict[str, Any]:
+        from batch_defs.tasks import AfterContext, build_after_handler
+
+        step = BatchStep(loaded, context)
+        spec_step = step.spec.after[index]
+        handler = build_after_handler(spec_step.task, spec_step.params, loaded.base_dir)
+        ctx = AfterContext(spec_step.params, step.spec.name, step.partition, step.run_id,
+                           summary, loaded.base_dir, step.output_dir,
+                           log=logging.getLogger(f"batch_defs.{name}"))
+        produced = handler(step.ledger.rows(step.run_id), ctx) or {}
+        return {**summary, "after": {**summary.get("after", {}), name: dict(produced)}}
+
+    return after
+
+
+def build_executor(spec: BatchSpec) -> dg.ExecutorDefinition:
+    if spec.options.executor == "multiprocess":
+        return dg.multiprocess_executor.configured(
+            {"max_concurrent": spec.options.max_concurrent_steps})
+    return dg.in_process_executor
+
+
+def build_batch_graph(loaded: LoadedBatch) -> dg.GraphDefinition:
+    from assets.results import build_results_op
+
+    spec = loaded.spec
+    fan_out = build_fan_out(loaded)
+    phase_ops = [build_phase_op(loaded, i) for i in range(len(spec.phases))]
+    collect = build_collect(loaded)
+    after_ops = [build_after_op(loaded, i, name)
+                 for i, name in enumerate(spec.after_step_names())]
+    results = build_results_op(spec)
+
+    def through_phases(chunk: Any) -> Any:
+        for phase, phase_op in zip(spec.phases, phase_ops, strict=True):
+            chunk = phase_op.alias(phase.name)(chunk)
+        return chunk
+
+    @dg.graph(name=f"{spec.name}_batch", description=spec.description or None,
+              out={"result": dg.GraphOut()})
+    def batch_graph() -> Any:
+        chunks = fan_out.alias("fan_out")()
+        summary = collect.alias("collect")(chunks.map(through_phases).collect())
+        for name, after_op in zip(spec.after_step_names(), after_ops, strict=True):
+            summary = after_op.alias(name)(summary)
+        return results.alias("results")(summary)
+
+    return batch_graph
+
+
+def build_batch(
+    loaded: LoadedBatch,
+) -> tuple[dg.AssetsDefinition, UnresolvedAssetJobDefinition]:
+    """The batch's results asset (graph-backed: its ops are the phases) and the job that
+    materializes one partition of it per launch."""
+    from assets.results import results_asset_key
+
+    spec = loaded.spec
+    partitions = dg.DynamicPartitionsDefinition(name=spec.name)
+    asset = dg.AssetsDefinition.from_graph(
+        build_batch_graph(loaded),
+        keys_by_output_name={"result": results_asset_key(spec.name)},
+        partitions_def=partitions,
+        group_name="batches",
+        descriptions_by_output_name={"result": f"Results of batch {spec.name}, per launch."},
+    )
+    job = dg.define_asset_job(
+        name=spec.name,
+        selection=dg.AssetSelection.assets(asset),
+        description=spec.description or f"Batch {spec.name}",
+        tags={"batch/name": spec.name, **spec.tags},
+        executor_def=build_executor(spec),
+    )
+    return asset, job

@@ -1,0 +1,282 @@
+"""The item ledger: one row per (run, phase, item) with status, attempts, output, error and cost.
+
+It is the checkpoint: a phase skips items already succeeded in the partition and reuses their
+stored outputs. Writes are batched by the caller (`record` takes many rows in one statement).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+SOURCE_PHASE = "_source"  # rows for items rejected before any phase ran (status invalid)
+STATUSES = ("succeeded", "failed", "skipped", "invalid", "rejected")
+
+metadata = sa.MetaData()
+
+item_table = sa.Table(
+    "batch_item",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("batch", sa.String(128), nullable=False),
+    sa.Column("partition", sa.String(255), nullable=False),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("phase", sa.String(128), nullable=False),
+    sa.Column("item_key", sa.String(512), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("input", sa.Text),  # kept for failed items only: the dead-letter payload
+    sa.Column("output", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("attempt_log", sa.Text),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("duration_s", sa.Float),
+    sa.Column("cost", sa.Float, nullable=False, default=0.0),
+    sa.Column("tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("reused_from", sa.String(64)),  # run whose result this row carries over
+    sa.UniqueConstraint("run_id", "phase", "item_key", name="uq_batch_item_run_phase_key"),
+    sa.Index("ix_batch_item_partition", "batch", "partition", "phase", "item_key"),
+    sa.Index("ix_batch_item_run_status", "run_id", "status"),
+)
+
+run_table = sa.Table(
+    "batch_run",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("batch", sa.String(128), nullable=False),
+    sa.Column("partition", sa.String(255), nullable=False),
+    sa.Column("parent_run_id", sa.String(64)),
+    sa.Column("total_items", sa.Integer, nullable=False),
+    sa.Column("phases", sa.Text, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("status", sa.String(16), nullable=False, default="running"),
+    sa.Column("stop_reason", sa.Text),
+    sa.Column("summary", sa.Text),
+)
+
+_queries: Counter[str] = Counter()  # statements sent per ledger URL by this process
+
+ITEM_COLUMNS = [c.name for c in item_table.columns if c.name != "id"]
+_UPDATED_ON_CONFLICT = [c for c in ITEM_COLUMNS if c not in ("run_id", "phase", "item_key")]
+
+
+def to_json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str, separators=(",", ":"))
+
+
+class Ledger:
+    """Access to the ledger tables in one database; safe to share between threads."""
+
+    _engines: dict[str, sa.Engine] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = self._engine(url)
+
+    @classmethod
+    def _engine(cls, url: str) -> sa.Engine:
+        # One engine (and connection pool) per URL and process: ops reuse connections.
+        with cls._lock:
+            if url not in cls._engines:
+                cls._engines[url] = _create_engine(url)
+            return cls._engines[url]
+
+    @property
+    def queries(self) -> int:
+        """Statements sent to this database by this process so far (for benchmarks)."""
+        return _queries[self.url]
+
+    def _insert(self, table: sa.Table) -> Any:
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)
+
+    def start_run(self, run_id: str, batch: str, partition: str, total_items: int,
+                  phases: Sequence[str], parent_run_id: str | None = None) -> None:
+        """Create the run's row unless it exists (re-executed steps call this again)."""
+        stmt = self._insert(run_table).values(
+            run_id=run_id, batch=batch, partition=partition, parent_run_id=parent_run_id,
+            total_items=total_items, phases=json.dumps(list(phases)), started_at=time.time(),
+            status="running",
+        ).on_conflict_do_nothing(index_elements=["run_id"])
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Upsert finished item rows in one statement (a step retry may write a row again)."""
+        if not rows:
+            return
+        stmt = self._insert(item_table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id", "phase", "item_key"],
+            set_={c: stmt.excluded[c] for c in _UPDATED_ON_CONFLICT},
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt, [_row(r) for r in rows])
+
+    def succeeded(self, batch: str, partition: str, phase: str,
+                  keys: Sequence[str]) -> dict[str, tuple[str, Any]]:
+        """item key -> (run id, output) for keys already succeeded in this partition."""
+        found: dict[str, tuple[str, Any]] = {}
+        t = item_table.c
+        for start in range(0, len(keys), 900):
+            query = sa.select(t.item_key, t.run_id, t.reused_from, t.output).where(
+                t.batch == batch, t.partition == partition, t.phase == phase,
+                t.status == "succeeded", t.item_key.in_(keys[start:start + 900]),
+            )
+            with self.engine.connect() as conn:
+                for key, run_id, reused_from, output in conn.execute(query):
+                    found[key] = (reused_from or run_id, json.loads(output) if output else None)
+        return found
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(run_table).where(run_table.c.run_id == run_id)).first()
+        if row is None:
+            return None
+        run = dict(row._mapping)
+        run["phases"] = json.loads(run["phases"])
+        run["summary"] = json.loads(run["summary"]) if run["summary"] else None
+        return run
+
+    def runs(self, batch: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(run_table).order_by(run_table.c.started_at)
+        if batch:
+            query = query.where(run_table.c.batch == batch)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def request_stop(self, run_id: str, reason: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(run_table.update().where(run_table.c.run_id == run_id,
+                                                  run_table.c.stop_reason.is_(None))
+                         .values(stop_reason=reason))
+
+    def stop_reason(self, run_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(run_table.c.stop_reason)
+                                .where(run_table.c.run_id == run_id)).scalar()
+
+    def finish_run(self, run_id: str, status: str, summary: Mapping[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(run_table.update().where(run_table.c.run_id == run_id).values(
+                status=status, finished_at=time.time(), summary=to_json(summary)))
+
+    def counts(self, run_id: str) -> dict[tuple[str, str], int]:
+        """(phase, status) -> number of items, for one run."""
+        t = item_table.c
+        query = (sa.select(t.phase, t.status, sa.func.count())
+                 .where(t.run_id == run_id).group_by(t.phase, t.status))
+        with self.engine.connect() as conn:
+            return {(phase, status): n for phase, status, n in conn.execute(query)}
+
+    def failed_items(self, run_id: str) -> int:
+        """Distinct items that failed or were invalid in any phase of the run."""
+        t = item_table.c
+        query = sa.select(sa.func.count(sa.distinct(t.item_key))).where(
+            t.run_id == run_id, t.status.in_(("failed", "invalid")))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+    def carry_over(self, run_id: str, lineage: Iterable[str]) -> int:
+        """Copy rows of earlier runs in the lineage that this run did not execute itself.
+
+        Re-execution from failure skips steps that succeeded before; copying their rows keeps
+        each run's rows a complete picture of its partition.
+        """
+        copied = 0
+        t = item_table
+        for earlier in lineage:
+            own = t.alias("own")
+            exists_in_run = sa.select(own.c.id).where(
+                own.c.run_id == run_id, own.c.phase == t.c.phase, own.c.item_key == t.c.item_key)
+            columns = [c for c in ITEM_COLUMNS if c not in ("run_id", "reused_from")]
+            select = sa.select(
+                *[t.c[c] for c in columns], sa.literal(run_id),
+                sa.func.coalesce(t.c.reused_from, t.c.run_id),
+            ).where(t.c.run_id == earlier, ~sa.exists(exists_in_run))
+            stmt = t.insert().from_select([*columns, "run_id", "reused_from"], select)
+            with self.engine.begin() as conn:
+                copied += conn.execute(stmt).rowcount or 0
+        return copied
+
+    def unfinished(self, run_id: str, lineage: Sequence[str]) -> list[dict[str, Any]]:
+        """Items whose latest row in the lineage is `failed` and that this run has not run.
+
+        These are what a re-execution must retry even though the step holding them succeeded
+        (with on_error: continue a chunk's step succeeds while some of its items fail).
+        """
+        t = item_table.c
+        with self.engine.connect() as conn:
+            seen = {(p, k) for p, k in conn.execute(
+                sa.select(t.phase, t.item_key).where(t.run_id == run_id))}
+            latest: dict[tuple[str, str], dict[str, Any]] = {}
+            for earlier in lineage:
+                query = sa.select(t.phase, t.item_key, t.seq, t.status, t.input).where(
+                    t.run_id == earlier, t.phase != SOURCE_PHASE)
+                for row in conn.execute(query).mappings():
+                    latest.setdefault((row["phase"], row["item_key"]), dict(row))
+        return [row for key, row in latest.items()
+                if row["status"] == "failed" and key not in seen]
+
+    def rows(self, run_id: str, status: str | None = None,
+             phase: str | None = None) -> pd.DataFrame:
+        t = item_table.c
+        query = sa.select(item_table).where(t.run_id == run_id).order_by(t.seq, t.id)
+        if status:
+            query = query.where(t.status == status)
+        if phase:
+            query = query.where(t.phase == phase)
+        with self.engine.connect() as conn:
+            frame = pd.DataFrame(conn.execute(query).mappings().all(),
+                                 columns=[c.name for c in item_table.columns])
+        return frame.drop(columns=["id"])
+
+
+def _row(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = {c: row.get(c) for c in ITEM_COLUMNS}
+    for column in ("input", "output", "attempt_log"):
+        if out[column] is not None and not isinstance(out[column], str):
+            out[column] = to_json(out[column])
+    out["attempts"] = out["attempts"] or 0
+    out["cost"] = out["cost"] or 0.0
+    out["tokens"] = out["tokens"] or 0
+    return out
+
+
+def _create_engine(url: str) -> sa.Engine:
+    engine = _connect(url)
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _count(*_args: Any) -> None:
+        _queries[url] += 1
+
+    metadata.create_all(engine)
+    return engine
+
+
+def _connect(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # WAL lets readers (progress, CLI) work while a run writes.
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)

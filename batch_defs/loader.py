@@ -1,0 +1,225 @@
+"""Reads batch YAML files into BatchSpec models, with errors that name file, line and field."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from batch_defs.spec import BatchSpec
+
+PACKAGE_BATCHES = Path(__file__).parent / "batches"
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where} {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class SpecError(ValueError):
+    """One or more problems in batch YAML files; str() lists each as file:line field: message."""
+
+    def __init__(self, problems: Sequence[SpecProblem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: cached effective specs key on it
+class LoadedBatch:
+    spec: BatchSpec
+    path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def batch_folders() -> list[Path]:
+    """Folders of batch YAML: BATCH_DEFS_PATH (os.pathsep separated) or the shipped examples."""
+    configured = os.environ.get("BATCH_DEFS_PATH", "")
+    if configured.strip():
+        return [Path(p).expanduser().resolve() for p in configured.split(os.pathsep) if p]
+    return [PACKAGE_BATCHES]
+
+
+def batch_files(paths: Iterable[Path] | None = None) -> list[Path]:
+    files: list[Path] = []
+    for path in paths if paths is not None else batch_folders():
+        path = Path(path)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.glob("*.y*ml") if p.suffix in (".yaml", ".yml")))
+        else:
+            files.append(path)
+    return files
+
+
+def format_loc(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """Line (1-based) of the YAML node at loc, or of its nearest existing ancestor."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == part:
+                    child = value_node
+                    break
+        elif (isinstance(node, yaml.SequenceNode) and isinstance(part, int)
+              and 0 <= part < len(node.value)):
+            child = node.value[part]
+        if child is None:
+            # Discriminator tags (e.g. "csv") and missing fields are not in the document.
+            continue
+        node, line = child, child.start_mark.line + 1
+    return line
+
+
+def _clean_loc(loc: Sequence[str | int]) -> list[str | int]:
+    # pydantic inserts the union member's tag ("csv", "int", "function-after[...]") into loc.
+    return [p for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+
+
+_UNION_TAGS = {"csv", "json", "jsonl", "parquet", "sql", "http", "inline", "int", "str"}
+
+
+def _message(error: Any) -> str:
+    message = str(error["msg"])
+    message = re.sub(r"^Value error, ", "", message)
+    if error["type"] == "greater_than_equal":
+        return f"must be >= {error['ctx']['ge']}"
+    if error["type"] == "less_than_equal":
+        return f"must be <= {error['ctx']['le']}"
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "missing":
+        return "field required"
+    return message
+
+
+def parse_batch(text: str, path: Path) -> BatchSpec:
+    """Parse YAML text of one batch; raise SpecError naming file, line and field."""
+    display = path.name
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise SpecError([SpecProblem(display, line, "", f"invalid YAML: {exc.problem}")]) from exc
+    if not isinstance(data, dict):
+        raise SpecError([SpecProblem(display, 1, "", "a batch file must be a YAML mapping")])
+    try:
+        spec = BatchSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = _clean_loc(error["loc"])
+            line = _line_of(root, loc)
+            problems.append(SpecProblem(display, line, format_loc(loc), _message(error)))
+        raise SpecError(problems) from exc
+    problems = []
+    if spec.name != path.stem:
+        problems.append(
+            SpecProblem(display, _line_of(root, ["name"]), "name",
+                        f"must equal the file name {path.stem!r}")
+        )
+    from batch_defs.tasks import check_spec_tasks  # tasks import the loader's types
+
+    for loc, message in check_spec_tasks(spec, path.parent):
+        problems.append(SpecProblem(display, _line_of(root, loc), format_loc(loc), message))
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def load_batch(path: Path) -> LoadedBatch:
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([SpecProblem(str(path), None, "", f"cannot read: {exc.strerror}")]) from exc
+    return LoadedBatch(parse_batch(text, path), path)
+
+
+def load_batches(paths: Iterable[Path] | None = None) -> dict[str, LoadedBatch]:
+    """Load every batch file; collect the problems of all files into one SpecError."""
+    batches: dict[str, LoadedBatch] = {}
+    problems: list[SpecProblem] = []
+    for file in batch_files(paths):
+        try:
+            loaded = load_batch(file)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+            continue
+        if loaded.spec.name in batches:
+            problems.append(SpecProblem(file.name, None, "name",
+                                        f"batch {loaded.spec.name!r} is defined twice"))
+        batches[loaded.spec.name] = loaded
+    if problems:
+        raise SpecError(problems)
+    return batches
+
+
+def find_batch(name: str) -> LoadedBatch:
+    for file in batch_files():
+        if file.stem == name:
+            return load_batch(file)
+    folders = ", ".join(str(f) for f in batch_folders())
+    raise SpecError([SpecProblem(name, None, "", f"no batch named {name!r} in {folders}")])
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts: list[str | int] = [int(p) if p.isdigit() else p
+                              for p in re.split(r"\.|\[(\d+)\]", dotted) if p]
+    target: Any = data
+    for part in parts[:-1]:
+        target = target[int(part)] if isinstance(target, list) else target.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(target, list):
+        target[int(last)] = value
+    else:
+        target[last] = value
+
+
+def with_overrides(spec: BatchSpec, data: str | Path | None = None,
+                   sets: Sequence[str] = ()) -> BatchSpec:
+    """The spec with --data (replaces source.path) and --set key=value overrides applied."""
+    if not data and not sets:
+        return spec
+    raw = spec.model_dump(by_alias=True, exclude_unset=True)
+    if data:
+        raw["source"]["path"] = str(Path(data).expanduser().resolve())
+    for assignment in sets:
+        dotted, sep, value = assignment.partition("=")
+        if not sep or not dotted.strip():
+            raise SpecError([SpecProblem("--set", None, assignment, "expected KEY=VALUE")])
+        try:
+            _set_path(raw, dotted.strip(), yaml.safe_load(value))
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
+            raise SpecError([SpecProblem("--set", None, dotted, f"no such field ({exc})")]) from exc
+    try:
+        return BatchSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError([
+            SpecProblem("--set", None, format_loc(_clean_loc(e["loc"])), _message(e))
+            for e in exc.errors()
+        ]) from exc

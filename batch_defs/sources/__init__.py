@@ -1,0 +1,78 @@
+"""Source readers: each turns a source spec into a stream of raw records (row number, data)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record of a source: its data, or why the row could not be read (error)."""
+
+    row: int
+    data: dict[str, Any] | None
+    error: str | None = None
+
+
+class SourceError(RuntimeError):
+    """The source as a whole cannot be read (missing file, refused connection, HTTP 500...)."""
+
+
+_ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(text: str) -> str:
+    """Replace ${env:NAME} at read time, so secrets never sit in specs or run config."""
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise SourceError(f"environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV.sub(lookup, text)
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    resolved = Path(expand_env(path)).expanduser()
+    return resolved if resolved.is_absolute() else (base_dir / resolved)
+
+
+def dig(data: Any, dotted: str | None) -> Any:
+    """data at a dotted path such as `data.items`."""
+    for part in (dotted or "").split("."):
+        if not part:
+            continue
+        if not isinstance(data, dict) or part not in data:
+            raise SourceError(f"no field {part!r} on the path {dotted!r}")
+        data = data[part]
+    return data
+
+
+def rename(data: dict[str, Any], columns: dict[str, str] | None) -> dict[str, Any]:
+    if not columns:
+        return data
+    return {columns.get(k, k): v for k, v in data.items()}
+
+
+Reader = Callable[[Any, Path], Iterator[RawRecord]]
+
+
+def read_source(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
+    from batch_defs.sources import files, remote
+
+    readers: dict[str, Reader] = {
+        "inline": files.read_inline,
+        "csv": files.read_csv,
+        "json": files.read_json,
+        "jsonl": files.read_jsonl,
+        "parquet": files.read_parquet,
+        "sql": remote.read_sql,
+        "http": remote.read_http,
+    }
+    return readers[spec.type](spec, base_dir)

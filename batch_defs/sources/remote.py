@@ -1,0 +1,116 @@
+"""Readers for SQL databases (SQLAlchemy, bound parameters only) and HTTP APIs (httpx)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+import tenacity
+
+from batch_defs.sources import RawRecord, SourceError, dig, expand_env, rename
+
+
+def read_sql(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
+    url = expand_env(spec.url)
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = f"sqlite:///{(base_dir / url.removeprefix('sqlite:///')).resolve()}"
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=1000).execute(
+                sa.text(spec.query), spec.params)
+            for row, data in enumerate(result.mappings(), start=1):
+                yield RawRecord(row, rename(dict(data), spec.columns))
+    except sa.exc.OperationalError as exc:
+        raise SourceError(f"database {engine.url.render_as_string(hide_password=True)}: "
+                          f"{exc.orig}") from exc
+    except sa.exc.SQLAlchemyError as exc:
+        raise SourceError(f"query failed: {exc}") from exc
+    finally:
+        engine.dispose()
+
+
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+class RetryableStatusError(Exception):
+    def __init__(self, response: httpx.Response):
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+def _wait_retry_after(state: tenacity.RetryCallState) -> float:
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, RetryableStatusError):
+        header = exc.response.headers.get("Retry-After", "")
+        if header.isdigit():
+            return min(float(header), 60.0)
+    return min(0.5 * 2 ** (state.attempt_number - 1), 30.0)
+
+
+def _fetch(client: httpx.Client, spec: Any, url: str, params: dict[str, Any]) -> httpx.Response:
+    @tenacity.retry(
+        retry=tenacity.retry_if_exception_type((RetryableStatusError, httpx.TransportError)),
+        wait=_wait_retry_after, stop=tenacity.stop_after_attempt(5), reraise=True,
+    )
+    def attempt() -> httpx.Response:
+        response = client.request(spec.method, url, params=params, json=spec.body)
+        if response.status_code in RETRY_STATUSES:
+            raise RetryableStatusError(response)
+        return response
+
+    try:
+        response = attempt()
+    except RetryableStatusError as exc:
+        raise SourceError(f"{url}: HTTP {exc.response.status_code} after 5 attempts") from exc
+    except httpx.TransportError as exc:
+        raise SourceError(f"{url}: {exc}") from exc
+    if response.status_code >= 400:
+        raise SourceError(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+    return response
+
+
+def read_http(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
+    headers = {k: expand_env(v) for k, v in spec.headers.items()}
+    pagination = spec.pagination
+    url: str | None = expand_env(spec.url)
+    params = dict(spec.params)
+    if pagination and pagination.type == "page":
+        params[pagination.param or "page"] = params.get(pagination.param or "page", 1)
+    if pagination and pagination.page_size:
+        params[pagination.size_param or "per_page"] = pagination.page_size
+    row = 0
+    with httpx.Client(headers=headers, timeout=spec.timeout_s, follow_redirects=True) as client:
+        for page in range(1, (pagination.max_pages if pagination else 1) + 1):
+            if url is None:
+                return
+            response = _fetch(client, spec, url, params)
+            try:
+                body = response.json()
+            except ValueError as exc:
+                raise SourceError(f"{url} page {page}: response is not JSON") from exc
+            try:
+                records = dig(body, spec.records)
+            except SourceError as exc:
+                raise SourceError(f"{url} page {page}: {exc}") from exc
+            if not isinstance(records, list):
+                raise SourceError(f"{url} page {page}: expected a list of records")
+            for data in records:
+                row += 1
+                yield (RawRecord(row, data) if isinstance(data, dict)
+                       else RawRecord(row, None, f"page {page}: record is not an object"))
+            if not pagination or not records:
+                return
+            if pagination.type == "page":
+                params[pagination.param or "page"] += 1
+            elif pagination.type == "cursor":
+                cursor = dig(body, pagination.cursor_field or "next_cursor")
+                if not cursor:
+                    return
+                params[pagination.param or "cursor"] = cursor
+            else:
+                next_link = response.links.get("next", {}).get("url")
+                url, params = (next_link, {}) if next_link else (None, params)

@@ -1,0 +1,200 @@
+"""Pydantic models of a batch YAML file (see docs/yaml.md)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _SourceBase(StrictModel):
+    key: str | None = None
+    schema_: dict[str, str] | None = Field(default=None, alias="schema")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class CsvSourceSpec(_SourceBase):
+    type: Literal["csv"]
+    path: str
+    columns: dict[str, str] | None = None
+    delimiter: str = ","
+    encoding: str = "utf-8"
+
+
+class JsonSourceSpec(_SourceBase):
+    type: Literal["json"]
+    path: str
+    records: str | None = None
+    encoding: str = "utf-8"
+
+
+class JsonlSourceSpec(_SourceBase):
+    type: Literal["jsonl"]
+    path: str
+    encoding: str = "utf-8"
+
+
+class ParquetSourceSpec(_SourceBase):
+    type: Literal["parquet"]
+    path: str
+    columns: dict[str, str] | None = None
+
+
+class SqlSourceSpec(_SourceBase):
+    type: Literal["sql"]
+    url: str
+    query: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    columns: dict[str, str] | None = None
+
+
+class PaginationSpec(StrictModel):
+    type: Literal["page", "cursor", "link"]
+    param: str | None = None
+    cursor_field: str | None = None
+    page_size: int | None = Field(default=None, ge=1)
+    size_param: str | None = None
+    max_pages: int = Field(default=1000, ge=1)
+
+
+class HttpSourceSpec(_SourceBase):
+    type: Literal["http"]
+    url: str
+    method: Literal["GET", "POST"] = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    body: dict[str, Any] | None = None
+    records: str | None = None
+    pagination: PaginationSpec | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class InlineSourceSpec(_SourceBase):
+    type: Literal["inline"]
+    items: list[dict[str, Any]]
+
+
+SourceSpec = Annotated[
+    CsvSourceSpec
+    | JsonSourceSpec
+    | JsonlSourceSpec
+    | ParquetSourceSpec
+    | SqlSourceSpec
+    | HttpSourceSpec
+    | InlineSourceSpec,
+    Field(discriminator="type"),
+]
+
+
+class RetrySpec(StrictModel):
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    delay_s: float = Field(default=0.5, ge=0)
+    max_delay_s: float = Field(default=30.0, ge=0)
+    jitter: bool = True
+    # Exception class names (e.g. TimeoutError) or HTTP status codes that are worth retrying;
+    # empty means every exception is retried.
+    retry_on: list[str | int] = Field(default_factory=list)
+
+
+OnError = Literal["fail_fast", "continue"]
+
+
+class PhaseSpec(StrictModel):
+    name: Name
+    task: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    timeout_s: float | None = Field(default=None, gt=0)
+    on_error: OnError | None = None
+    pool: str | None = None
+    # A dict returned by the handler is merged over the incoming item; false passes it alone.
+    merge_output: bool = True
+
+
+class BudgetSpec(StrictModel):
+    max_cost: float | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=0)
+
+
+class OptionsSpec(StrictModel):
+    mode: Literal["parallel", "sequential"] = "parallel"
+    concurrency: int = Field(default=10, ge=1, le=50)
+    on_error: OnError = "fail_fast"
+    tolerated_failures: int | str = 0
+    chunk_size: Literal["auto"] | int = "auto"
+    executor: Literal["in_process", "multiprocess"] = "in_process"
+    max_concurrent_steps: int = Field(default=2, ge=1, le=64)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    max_items: int = Field(default=100_000, ge=1)
+
+    @field_validator("tolerated_failures")
+    @classmethod
+    def _tolerance(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("must be >= 0")
+            return value
+        if not re.fullmatch(r"\d+(\.\d+)?%", value.strip()):
+            raise ValueError('must be a count (e.g. 5) or a percentage (e.g. "2%")')
+        if float(value.strip().rstrip("%")) > 100:
+            raise ValueError("a percentage must be <= 100%")
+        return value.strip()
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
+
+    @property
+    def slots(self) -> int:
+        return 1 if self.mode == "sequential" else self.concurrency
+
+    def tolerated_count(self, total: int) -> int:
+        """How many failed items the batch may have and still succeed."""
+        if isinstance(self.tolerated_failures, int):
+            return self.tolerated_failures
+        return int(total * float(self.tolerated_failures.rstrip("%")) / 100)
+
+
+class AfterStepSpec(StrictModel):
+    task: str
+    name: Name | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BatchSpec(StrictModel):
+    name: Name
+    description: str = ""
+    source: SourceSpec
+    phases: list[PhaseSpec] = Field(min_length=1)
+    options: OptionsSpec = Field(default_factory=OptionsSpec)
+    after: list[AfterStepSpec] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("phases")
+    @classmethod
+    def _unique_phase_names(cls, phases: list[PhaseSpec]) -> list[PhaseSpec]:
+        seen: set[str] = set()
+        for phase in phases:
+            if phase.name in seen:
+                raise ValueError(f"phase name {phase.name!r} is used twice")
+            seen.add(phase.name)
+        return phases
+
+    def on_error(self, phase: PhaseSpec) -> OnError:
+        return phase.on_error or self.options.on_error
+
+    def after_step_names(self) -> list[str]:
+        return [step.name or f"after_{i}_{step.task}" for i, step in enumerate(self.after)]

@@ -1,0 +1,68 @@
+"""Registry of built-in task types (per-item phases) and after-step types (per batch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from batch_defs.spec import BatchSpec
+from batch_defs.tasks import python, report, template
+from batch_defs.tasks.base import (
+    AfterContext,
+    AfterHandler,
+    AfterType,
+    Handler,
+    SkipItem,
+    TaskContext,
+    TaskResult,
+    TaskType,
+)
+
+TASK_TYPES: dict[str, TaskType] = {
+    "python": TaskType(python.PythonParams, python.make_handler),
+    "template": TaskType(template.TemplateParams, template.make_handler),
+}
+
+AFTER_TYPES: dict[str, AfterType] = {
+    "report": AfterType(report.ReportParams, report.make_handler),
+    "python": AfterType(python.PythonParams, python.make_after_handler),
+}
+
+__all__ = ["AfterContext", "Handler", "SkipItem", "TaskContext", "TaskResult",
+           "build_handler", "build_after_handler", "check_spec_tasks"]
+
+
+def build_handler(task: str, params: dict, base_dir: Path) -> Handler:
+    task_type = TASK_TYPES[task]
+    return task_type.make_handler(task_type.params.model_validate(params), base_dir)
+
+
+def build_after_handler(task: str, params: dict, base_dir: Path) -> AfterHandler:
+    after_type = AFTER_TYPES[task]
+    return after_type.make_handler(after_type.params.model_validate(params), base_dir)
+
+
+def _problems(registry: dict, task: str, params: dict, base_dir: Path,
+              loc: list[str | int]) -> list[tuple[list[str | int], str]]:
+    if task not in registry:
+        known = ", ".join(sorted(registry))
+        return [([*loc, "task"], f"unknown task type {task!r} (known: {known})")]
+    try:
+        registry[task].make_handler(registry[task].params.model_validate(params), base_dir)
+    except ValidationError as exc:
+        return [([*loc, "params", *e["loc"]], e["msg"].removeprefix("Value error, "))
+                for e in exc.errors()]
+    except (ValueError, OSError) as exc:
+        return [([*loc, "params"], str(exc))]
+    return []
+
+
+def check_spec_tasks(spec: BatchSpec, base_dir: Path) -> list[tuple[list[str | int], str]]:
+    """Each phase's and after-step's task type and params, as (loc, message) problems."""
+    problems = []
+    for i, phase in enumerate(spec.phases):
+        problems += _problems(TASK_TYPES, phase.task, phase.params, base_dir, ["phases", i])
+    for i, step in enumerate(spec.after):
+        problems += _problems(AFTER_TYPES, step.task, step.params, base_dir, ["after", i])
+    return problems

@@ -1,0 +1,85 @@
+"""What a task handler sees (TaskContext) and may return (TaskResult); no Dagster here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class SkipItem(Exception):  # noqa: N818 - it is a signal, not an error
+    """Raised by ctx.skip(reason): the item is recorded as skipped and not passed on."""
+
+
+@dataclass
+class TaskResult:
+    """A handler's result with what it cost; `output` is what the next phase receives."""
+
+    output: Any = None
+    cost: float = 0.0
+    tokens: int = 0
+
+
+@dataclass
+class TaskContext:
+    params: Mapping[str, Any]
+    batch: str
+    partition: str
+    run_id: str
+    phase: str
+    key: str
+    attempt: int = 1
+    base_dir: Path = Path(".")
+    output_dir: Path = Path(".")
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("batch_defs.task"))
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across retries, resumes and re-executions of the same item and phase."""
+        return f"{self.batch}/{self.partition}/{self.key}/{self.phase}"
+
+    def skip(self, reason: str) -> None:
+        raise SkipItem(reason)
+
+
+Handler = Callable[[dict[str, Any], TaskContext], Any]
+
+
+class TaskParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """A built-in task: its params model and a factory turning valid params into a handler."""
+
+    params: type[TaskParams]
+    make_handler: Callable[[Any, Path], Handler]
+
+
+@dataclass
+class AfterContext:
+    """What a batch-level `after` step sees: the run's summary and its ledger rows."""
+
+    params: Mapping[str, Any]
+    batch: str
+    partition: str
+    run_id: str
+    summary: Mapping[str, Any]
+    base_dir: Path
+    output_dir: Path
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("batch_defs.after"))
+
+
+AfterHandler = Callable[[Any, AfterContext], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class AfterType:
+    params: type[TaskParams]
+    make_handler: Callable[[Any, Path], AfterHandler]

@@ -1,0 +1,49 @@
+"""`report` after-step: writes the run's per-item ledger rows as CSV, JSON, HTML or Markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from batch_defs.tasks.base import AfterContext, AfterHandler, TaskParams
+
+Format = Literal["csv", "json", "jsonl", "html", "md", "parquet"]
+
+
+class ReportParams(TaskParams):
+    formats: list[Format] = ["csv", "json"]
+    output: str = "{partition}/report"  # file stem, relative to the batch's output folder
+
+
+def write_table(rows: pd.DataFrame, stem: Path, fmt: str, title: str) -> Path:
+    path = stem.with_suffix(f".{fmt}")
+    if fmt == "csv":
+        rows.to_csv(path, index=False)
+    elif fmt == "json":
+        rows.to_json(path, orient="records", indent=2, date_format="iso")
+    elif fmt == "jsonl":
+        rows.to_json(path, orient="records", lines=True, date_format="iso")
+    elif fmt == "parquet":
+        rows.to_parquet(path, index=False)
+    elif fmt == "md":
+        path.write_text(f"# {title}\n\n{rows.to_markdown(index=False)}\n", encoding="utf-8")
+    elif fmt == "html":
+        table = rows.to_html(index=False, border=0, classes="items")
+        path.write_text(f"<!doctype html><title>{title}</title><h1>{title}</h1>{table}",
+                        encoding="utf-8")
+    return path
+
+
+def make_handler(params: ReportParams, base_dir: Path) -> AfterHandler:
+    from batch_defs.tasks.template import confined_path
+
+    def report(rows: pd.DataFrame, ctx: AfterContext) -> dict[str, Any]:
+        stem = confined_path(ctx.output_dir, params.output.format(partition=ctx.partition))
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        title = f"{ctx.batch} / {ctx.partition}"
+        paths = [write_table(rows, stem, fmt, title) for fmt in params.formats]
+        return {f"report_{p.suffix[1:]}": str(p) for p in paths}
+
+    return report

@@ -1,0 +1,134 @@
+"""Live progress bars and run reports for the CLI, read from the ledger and the instance."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from batch_defs.ledger import Ledger
+from batch_defs.progress import FINAL_FAILURES, ProgressWindow, format_duration
+from batch_defs.summary import summarize_run
+
+REFRESH_S = 0.5
+
+
+class RunBars:
+    """One bar per phase plus a line with throughput (moving window) and ETA."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+            TaskProgressColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+            console=console, transient=False, refresh_per_second=4,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        self.window = ProgressWindow()
+
+    def update(self, run: dict[str, Any], counts: dict[tuple[str, str], int]) -> None:
+        phases, total = run["phases"], run["total_items"]
+        stopped_before = 0
+        for phase in phases:
+            if phase not in self.tasks:
+                self.tasks[phase] = self.progress.add_task(phase, total=total, detail="")
+            ok = counts.get((phase, "succeeded"), 0)
+            stopped = sum(counts.get((phase, s), 0) for s in FINAL_FAILURES)
+            failed = counts.get((phase, "failed"), 0)
+            self.progress.update(self.tasks[phase], completed=ok + stopped + stopped_before,
+                                 detail=f"[red]{failed} failed[/red]" if failed else "")
+            stopped_before += stopped
+        overall = self.window.progress(counts, phases, total)
+        eta = format_duration(overall.eta_s) if overall.eta_s is not None else "?"
+        per_item = max(1, len(phases))
+        line = f"{overall.rate / per_item:.1f} items/s  ETA {eta}"
+        if "all" not in self.tasks:
+            self.tasks["all"] = self.progress.add_task("all", total=overall.units_total,
+                                                       detail="")
+        self.progress.update(self.tasks["all"], completed=overall.units_done, detail=line)
+
+
+def _find_run(ledger: Ledger, batch: str, partition: str, since: float) -> dict | None:
+    runs = [r for r in ledger.runs(batch)
+            if r["partition"] == partition and r["started_at"] >= since - 1]
+    return ledger.run(runs[-1]["run_id"]) if runs else None
+
+
+def watch_run(ledger: Ledger, batch: str, partition: str, launched: float,
+              done: threading.Event, console: Console) -> None:
+    """Bars for the run this process is executing, until `done` is set."""
+    bars = RunBars(console)
+    run = None
+    with bars.progress:
+        while True:
+            finished = done.wait(REFRESH_S)
+            run = run or _find_run(ledger, batch, partition, launched)
+            if run is not None:
+                bars.update(run, ledger.counts(run["run_id"]))
+            if finished:
+                return
+
+
+def follow_run(instance: Any, ledger: Ledger, run_id: str, console: Console) -> None:
+    """Bars for any run (another process, the daemon) until Dagster says it has ended."""
+    bars = RunBars(console)
+    with bars.progress:
+        while True:
+            dagster_run = instance.get_run_by_id(run_id)
+            run = ledger.run(run_id)
+            if run is not None:
+                bars.update(run, ledger.counts(run_id))
+            if dagster_run is None or dagster_run.is_finished:
+                return
+            time.sleep(REFRESH_S)
+
+
+def run_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
+    dagster_run = instance.get_run_by_id(run_id)
+    report: dict[str, Any] = (summarize_run(ledger, run_id) if ledger.run(run_id)
+                              else {"run_id": run_id})
+    report["status"] = dagster_run.status.value if dagster_run else "UNKNOWN"
+    report["job"] = dagster_run.job_name if dagster_run else None
+    return report
+
+
+def render_report(report: dict[str, Any]) -> Group:
+    head = Table.grid(padding=(0, 2))
+    head.add_row("run", report["run_id"])
+    head.add_row("batch / partition", f"{report.get('batch') or report.get('job')} / "
+                                      f"{report.get('partition', '-')}")
+    color = "green" if report["status"] == "SUCCESS" else "red"
+    head.add_row("status", f"[{color}]{report['status']}[/{color}]")
+    if "items" not in report:
+        return Group(head)
+    head.add_row("items", f"{report['items']} ({report['succeeded']} succeeded, "
+                          f"{report['failed_items']} failed or invalid, "
+                          f"{report['skipped']} skipped, {report['reused']} reused rows)")
+    head.add_row("duration", f"{report['duration_s']:.1f}s, {report['items_per_s']} items/s")
+    if report["cost"] or report["tokens"]:
+        head.add_row("cost", f"{report['cost']} ({report['tokens']} tokens)")
+    if report.get("stop_reason"):
+        head.add_row("stopped", report["stop_reason"])
+    phases = Table("phase", "succeeded", "failed", "skipped", "invalid", title=None)
+    for phase, counts in report["per_phase"].items():
+        phases.add_row(phase, *(str(counts.get(s, 0)) for s in
+                                ("succeeded", "failed", "skipped", "invalid")))
+    parts: list[Any] = [head, phases]
+    if report["failures"]:
+        failures = Table("item", "phase", "status", "error", title="first failures")
+        for f in report["failures"]:
+            failures.add_row(str(f["item_key"]), f["phase"], f["status"], str(f["error"]))
+        parts.append(failures)
+        parts.append(f"all rows: batch-defs results {report['run_id']} --status failed")
+    return Group(*parts)

@@ -1,0 +1,1 @@
+"""Sensors and schedules that launch batches and report on their runs."""

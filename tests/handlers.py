@@ -1,0 +1,78 @@
+"""Task handlers used by the tests: plain functions, as users write them."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from batch_defs import TaskResult
+
+_lock = threading.Lock()
+in_flight = 0
+max_in_flight = 0
+started: list[str] = []
+
+
+def reset() -> None:
+    global in_flight, max_in_flight
+    with _lock:
+        in_flight = max_in_flight = 0
+        started.clear()
+
+
+def sleep_ms(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Simulated I/O that also records how many calls overlap."""
+    global in_flight, max_in_flight
+    with _lock:
+        in_flight += 1
+        max_in_flight = max(max_in_flight, in_flight)
+        started.append(ctx.key)
+    try:
+        time.sleep(float(ctx.params.get("ms", 10)) / 1000)
+    finally:
+        with _lock:
+            in_flight -= 1
+    return {f"{ctx.phase}_done": True}
+
+
+def fail_listed(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Fails for the item keys in params.fail_keys (or in the file named by params.fail_file,
+    so a test can 'fix' the data between runs)."""
+    keys = {str(k) for k in ctx.params.get("fail_keys", [])}
+    fail_file = ctx.params.get("fail_file")
+    if fail_file and os.path.exists(fail_file):
+        with open(fail_file) as handle:
+            keys |= set(handle.read().split())
+    count_calls(ctx)
+    if ctx.key in keys:
+        raise ValueError(f"bad record {ctx.key}")
+    return {"score": len(str(item))}
+
+
+def count_calls(ctx: Any) -> None:
+    """Counts calls per (phase, key) in a real SQLite table named by params.calls_db."""
+    db = ctx.params.get("calls_db")
+    if not db:
+        return
+    with sqlite3.connect(db, timeout=30) as conn:
+        conn.execute("create table if not exists calls (phase text, key text)")
+        conn.execute("insert into calls values (?, ?)", (ctx.phase, ctx.key))
+
+
+def flaky(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Fails the first params.failures attempts of every item, then succeeds."""
+    if ctx.attempt <= int(ctx.params.get("failures", 2)):
+        raise ConnectionError(f"attempt {ctx.attempt} refused")
+    return {"attempt_that_worked": ctx.attempt}
+
+
+def priced(item: dict[str, Any], ctx: Any) -> TaskResult:
+    return TaskResult(output={"priced": True}, cost=0.25, tokens=100)
+
+
+def skip_odd(item: dict[str, Any], ctx: Any) -> None:
+    if int(item["id"]) % 2:
+        ctx.skip("odd id")

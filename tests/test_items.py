@@ -1,0 +1,94 @@
+"""Items from raw records: keys, duplicates, schema validation, chunk sizing; and readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batch_defs.items import chunk_size, make_chunks, prepare_items
+from batch_defs.sources import RawRecord, SourceError, read_source
+from batch_defs.spec import CsvSourceSpec, JsonlSourceSpec, JsonSourceSpec
+
+pytestmark = pytest.mark.unit
+
+
+def test_keys_duplicates_and_missing_keys_become_invalid_rows() -> None:
+    records = [RawRecord(2, {"id": "a"}), RawRecord(3, {"id": "b"}), RawRecord(4, {"id": "a"}),
+               RawRecord(5, {"id": ""}), RawRecord(6, None, "expected 2 columns, found 3")]
+    prepared = prepare_items(records, "id", None, 100)
+    assert [i.key for i in prepared.items] == ["a", "b"]
+    assert [(r["item_key"], r["error"]) for r in prepared.invalid] == [
+        ("a#row_4", "row 4: duplicate key 'a' (first at row 2)"),
+        ("row_5", "row 5: missing key field 'id'"),
+        ("row_6", "row 6: expected 2 columns, found 3"),
+    ]
+    assert len(prepared.items) + len(prepared.invalid) == len(records)
+
+
+def test_schema_coerces_and_explains() -> None:
+    schema = {"id": "int", "email": "email", "amount": "float", "note": "str?",
+              "state": "enum(draft,paid)"}
+    records = [
+        RawRecord(1, {"id": "7", "email": "a@example.com", "amount": "1.5", "note": "",
+                      "state": "paid", "extra": "kept"}),
+        RawRecord(2, {"id": "x", "email": "nope", "amount": "1", "state": "lost"}),
+    ]
+    prepared = prepare_items(records, "id", schema, 100)
+    (item,) = prepared.items
+    assert item.data == {"id": 7, "email": "a@example.com", "amount": 1.5, "note": None,
+                         "state": "paid", "extra": "kept"}
+    (bad,) = prepared.invalid
+    assert bad["error"].startswith("row 2: id: Input should be a valid integer")
+    assert "email: value is not a valid email address" in bad["error"]
+    assert "state: Input should be 'draft' or 'paid'" in bad["error"]
+
+
+def test_max_items_is_enforced() -> None:
+    records = (RawRecord(i, {"id": i}) for i in range(1, 10))
+    with pytest.raises(SourceError, match="more than 5 items"):
+        prepare_items(records, "id", None, 5)
+
+
+@pytest.mark.parametrize(("total", "slots", "configured", "expected"), [
+    (1000, 10, "auto", 100), (100, 10, "auto", 100), (100, 1, "auto", 10),
+    (50_000, 50, "auto", 500), (200_000, 10, "auto", 2000), (5, 10, "auto", 5),
+    (1000, 10, 7, 7),
+])
+def test_chunk_size(total: int, slots: int, configured: str | int, expected: int) -> None:
+    assert chunk_size(total, slots, configured) == expected
+
+
+def test_chunks_have_stable_mapping_keys() -> None:
+    prepared = prepare_items((RawRecord(i, {"id": i}) for i in range(1, 26)), "id", None, 100)
+    chunks = make_chunks(prepared.items, 10, invalid=2)
+    assert [c.mapping_key for c in chunks] == ["chunk_0000", "chunk_0001", "chunk_0002"]
+    assert [len(c.items) for c in chunks] == [10, 10, 5]
+    assert chunks[0].total_items == 25 and chunks[0].tolerance_base == 27
+
+
+def test_csv_reader_renames_and_reports_malformed_rows(tmp_path: Path) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text('customer_id,mail\n1,a@x.org\n2,b@x.org,extra\n\n"3","multi\nline"\n')
+    spec = CsvSourceSpec(type="csv", path="people.csv", columns={"customer_id": "id"})
+    rows = list(read_source(spec, tmp_path))
+    assert rows[0] == RawRecord(2, {"id": "1", "mail": "a@x.org"})
+    assert rows[1] == RawRecord(3, None, "expected 2 columns, found 3")
+    assert rows[2] == RawRecord(5, {"id": "3", "mail": "multi\nline"})
+
+
+def test_json_and_jsonl_readers(tmp_path: Path) -> None:
+    (tmp_path / "doc.json").write_text(json.dumps({"data": {"items": [{"id": 1}, 5]}}))
+    spec = JsonSourceSpec(type="json", path="doc.json", records="data.items")
+    assert list(read_source(spec, tmp_path)) == [
+        RawRecord(1, {"id": 1}), RawRecord(2, None, "record is a int, not an object")]
+    (tmp_path / "doc.jsonl").write_text('{"id": 1}\n{broken\n\n{"id": 3}\n')
+    rows = list(read_source(JsonlSourceSpec(type="jsonl", path="doc.jsonl"), tmp_path))
+    assert [r.row for r in rows] == [1, 2, 4]
+    assert rows[1].error and rows[1].error.startswith("invalid JSON")
+
+
+def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="file not found: .*absent.csv"):
+        list(read_source(CsvSourceSpec(type="csv", path="absent.csv"), tmp_path))
