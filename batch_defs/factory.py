@@ -82,7 +82,8 @@ class BatchStep:
 
 
 def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
-    @dg.op(name=op_name(loaded.spec, "fan_out"), out=dg.DynamicOut(Chunk), required_resource_keys=RESOURCE_KEYS,
+    @dg.op(name=op_name(loaded.spec, "fan_out"), out=dg.DynamicOut(Chunk),
+           required_resource_keys=RESOURCE_KEYS,
            description=f"Reads the {loaded.spec.source.type} source, validates items, "
                        "records invalid ones and yields chunks.")
     def fan_out(context: dg.OpExecutionContext) -> Iterator[dg.DynamicOutput[Chunk]]:
@@ -135,8 +136,8 @@ def _cached_handler(loaded: LoadedBatch, task: str, params_json: str) -> Handler
 def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
     declared = loaded.spec.phases[index]
 
-    @dg.op(name=op_name(loaded.spec, declared.name), out=dg.Out(Chunk), required_resource_keys=RESOURCE_KEYS,
-           pool=declared.pool,
+    @dg.op(name=op_name(loaded.spec, declared.name), out=dg.Out(Chunk),
+           required_resource_keys=RESOURCE_KEYS, pool=declared.pool,
            description=f"Phase {index + 1}: task {declared.task!r} on each item of a chunk.")
     def run_phase(context: dg.OpExecutionContext, chunk: Chunk) -> Chunk:
         step = BatchStep(loaded, context)
@@ -146,12 +147,12 @@ def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
                          [p.name for p in step.spec.phases], context.run.parent_run_id)
         # A stopped batch fails its remaining steps rather than skipping them, so that
         # re-execution from failure picks them up again.
-        stopped = ledger.stop_reason(step.run_id)
+        stopped, failed_so_far = ledger.run_state(step.run_id)
         if stopped:
             raise dg.Failure(f"not started, the batch stopped: {stopped}", allow_retries=False)
         result = execute_chunk(
             ledger, step.phase_run(phase), chunk, phase_handler(loaded, phase),
-            failures_before=ledger.failed_items(step.run_id), on_flush=step.publish_progress,
+            failures_before=failed_so_far, on_flush=step.publish_progress,
         )
         context.log.info(f"{chunk.mapping_key}: {result.executed} run, {result.reused} reused, "
                          f"{result.failed} failed")

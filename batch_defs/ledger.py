@@ -164,6 +164,17 @@ class Ledger:
                                                   run_table.c.stop_reason.is_(None))
                          .values(stop_reason=reason))
 
+    def run_state(self, run_id: str) -> tuple[str | None, int]:
+        """(stop reason, items failed or invalid so far) in one query, for a step's start."""
+        t = item_table.c
+        failed = (sa.select(sa.func.count(sa.distinct(t.item_key)))
+                  .where(t.run_id == run_id, t.status.in_(("failed", "invalid")))
+                  .scalar_subquery())
+        query = sa.select(run_table.c.stop_reason, failed).where(run_table.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return (row[0], int(row[1])) if row else (None, 0)
+
     def stop_reason(self, run_id: str) -> str | None:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(run_table.c.stop_reason)

@@ -100,7 +100,34 @@ def run_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
                               else {"run_id": run_id})
     report["status"] = dagster_run.status.value if dagster_run else "UNKNOWN"
     report["job"] = dagster_run.job_name if dagster_run else None
+    if dagster_run and "partition" not in report:
+        report["partition"] = dagster_run.tags.get("dagster/partition")
+    report["step_failures"] = step_failures(instance, run_id)
     return report
+
+
+def step_failures(instance: Any, run_id: str) -> list[dict[str, str]]:
+    """Why steps failed (source unreadable, fail-fast, too many failures), from the event log."""
+    import dagster as dg
+
+    failures = []
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        event = record.dagster_event
+        error = event.step_failure_data.error if event and event.step_failure_data else None
+        message = error.message.strip() if error else "failed"
+        message = message.removeprefix("dagster._core.definitions.events.Failure: ")
+        failures.append({"step": record.step_key or "", "error": message.splitlines()[0]})
+    return failures
+
+
+def _step_failure_table(failures: list[dict[str, str]]) -> list[Table]:
+    if not failures:
+        return []
+    table = Table("step", "error", title="failed steps")
+    table.columns[1].overflow = "fold"
+    for failure in failures[:10]:
+        table.add_row(failure["step"], failure["error"])
+    return [table]
 
 
 def render_report(report: dict[str, Any]) -> Group:
@@ -110,8 +137,9 @@ def render_report(report: dict[str, Any]) -> Group:
                                       f"{report.get('partition', '-')}")
     color = "green" if report["status"] == "SUCCESS" else "red"
     head.add_row("status", f"[{color}]{report['status']}[/{color}]")
+    errors = _step_failure_table(report.get("step_failures", []))
     if "items" not in report:
-        return Group(head)
+        return Group(head, *errors)
     head.add_row("items", f"{report['items']} ({report['succeeded']} succeeded, "
                           f"{report['failed_items']} failed or invalid, "
                           f"{report['skipped']} skipped, {report['reused']} reused rows)")
@@ -124,9 +152,10 @@ def render_report(report: dict[str, Any]) -> Group:
     for phase, counts in report["per_phase"].items():
         phases.add_row(phase, *(str(counts.get(s, 0)) for s in
                                 ("succeeded", "failed", "skipped", "invalid")))
-    parts: list[Any] = [head, phases]
+    parts: list[Any] = [head, phases, *errors]
     if report["failures"]:
         failures = Table("item", "phase", "status", "error", title="first failures")
+        failures.columns[3].overflow = "fold"
         for f in report["failures"]:
             failures.add_row(str(f["item_key"]), f["phase"], f["status"], str(f["error"]))
         parts.append(failures)
