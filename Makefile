@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint ui bench clean
+.PHONY: install home demo test test-fast lint ui bench clean
 
 $(BIN)/batch-defs: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,14 @@ $(BIN)/batch-defs: pyproject.toml
 
 install: $(BIN)/batch-defs
 
+# DAGSTER_HOME must exist (with the project's dagster.yaml) before dagster commands run.
+home: install
+	$(BIN)/python -m batch_defs.instance >/dev/null
+
 demo: install
 	$(BIN)/batch-defs run demo
 
-test: install
+test: home
 	bash scripts/ensure-postgres.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy batch_defs assets resources sensors
@@ -32,8 +36,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy batch_defs assets resources sensors
 
-ui: install
-	$(BIN)/python -m batch_defs.instance >/dev/null
+ui: home
 	$(BIN)/dagster dev -w workspace.yaml
 
 bench: install

@@ -52,6 +52,7 @@ def build_results_op(spec: BatchSpec) -> dg.OpDefinition:
            description="Materializes the partition's results: counts, cost and item rows.")
     def results(context: dg.OpExecutionContext, summary: dict[str, Any]) -> dg.Output[dict]:
         ledger = context.resources.batch_storage.ledger(context.instance)
+        ledger.finish_run(context.run_id, "succeeded", summary)  # now with the after steps'
         rows = ledger.rows(context.run_id)
         return dg.Output(summary, metadata=results_metadata(summary, rows))
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+RESERVED_NODE_NAMES = ("fan_out", "collect", "results")
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
@@ -196,5 +197,22 @@ class BatchSpec(StrictModel):
     def on_error(self, phase: PhaseSpec) -> OnError:
         return phase.on_error or self.options.on_error
 
+    @model_validator(mode="after")
+    def _node_names_unique(self) -> BatchSpec:
+        # Phases and after steps become nodes of one Dagster graph beside these.
+        taken = set(RESERVED_NODE_NAMES)
+        for phase in self.phases:
+            if phase.name in taken:
+                raise ValueError(f"phase name {phase.name!r} is reserved")
+            taken.add(phase.name)
+        for name in self.after_step_names():
+            if name in taken:
+                raise ValueError(f"after step name {name!r} is already used; give it a name")
+            taken.add(name)
+        return self
+
     def after_step_names(self) -> list[str]:
-        return [step.name or f"after_{i}_{step.task}" for i, step in enumerate(self.after)]
+        """Each after step's name: its `name`, else its task, numbered if the task repeats."""
+        tasks = [step.task for step in self.after]
+        return [step.name or (step.task if tasks.count(step.task) == 1 else f"{step.task}_{i}")
+                for i, step in enumerate(self.after)]

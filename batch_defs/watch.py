@@ -96,8 +96,11 @@ def follow_run(instance: Any, ledger: Ledger, run_id: str, console: Console) -> 
 
 def run_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
     dagster_run = instance.get_run_by_id(run_id)
-    report: dict[str, Any] = (summarize_run(ledger, run_id) if ledger.run(run_id)
-                              else {"run_id": run_id})
+    run = ledger.run(run_id)
+    report: dict[str, Any] = summarize_run(ledger, run_id) if run else {"run_id": run_id}
+    saved = (run or {}).get("summary") or {}
+    report["files"] = {f"{step}.{key}": value for step, produced in saved.get("after", {}).items()
+                       for key, value in produced.items()}
     report["status"] = dagster_run.status.value if dagster_run else "UNKNOWN"
     report["job"] = dagster_run.job_name if dagster_run else None
     if dagster_run and "partition" not in report:
@@ -132,6 +135,8 @@ def _step_failure_table(failures: list[dict[str, str]]) -> list[Table]:
 
 def render_report(report: dict[str, Any]) -> Group:
     head = Table.grid(padding=(0, 2))
+    head.add_column(no_wrap=True)
+    head.add_column(overflow="fold")
     head.add_row("run", report["run_id"])
     head.add_row("batch / partition", f"{report.get('batch') or report.get('job')} / "
                                       f"{report.get('partition', '-')}")
@@ -146,6 +151,8 @@ def render_report(report: dict[str, Any]) -> Group:
     head.add_row("duration", f"{report['duration_s']:.1f}s, {report['items_per_s']} items/s")
     if report["cost"] or report["tokens"]:
         head.add_row("cost", f"{report['cost']} ({report['tokens']} tokens)")
+    for name, path in report.get("files", {}).items():
+        head.add_row(name, str(path))
     if report.get("stop_reason"):
         head.add_row("stopped", report["stop_reason"])
     phases = Table("phase", "succeeded", "failed", "skipped", "invalid", title=None)

@@ -165,6 +165,25 @@ def test_duplicate_phase_names_rejected() -> None:
     assert found == ["invoices.yaml:4 phases: phase name 'one' is used twice"]
 
 
+def test_reserved_and_clashing_step_names() -> None:
+    found = problems("""\
+        name: invoices
+        source: {type: inline, items: [{a: 1}]}
+        phases:
+          - {name: collect, task: python, params: {function: "tests.handlers:sleep_ms"}}
+        """)
+    assert found == ["invoices.yaml:1: phase name 'collect' is reserved"]
+    found = problems("""\
+        name: invoices
+        source: {type: inline, items: [{a: 1}]}
+        phases:
+          - {name: report, task: python, params: {function: "tests.handlers:sleep_ms"}}
+        after:
+          - {task: report}
+        """)
+    assert found == ["invoices.yaml:1: after step name 'report' is already used; give it a name"]
+
+
 def test_tolerated_failures_count_and_percent() -> None:
     spec = parse_batch(textwrap.dedent("""\
         name: invoices
