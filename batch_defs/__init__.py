@@ -1,5 +1,5 @@
 """Batch processing on Dagster. Handlers import TaskResult and TaskContext from here."""
 
-from batch_defs.tasks.base import SkipItem, TaskContext, TaskResult
+from batch_defs.tasks.base import RejectItem, SkipItem, TaskContext, TaskResult
 
-__all__ = ["SkipItem", "TaskContext", "TaskResult"]
+__all__ = ["RejectItem", "SkipItem", "TaskContext", "TaskResult"]

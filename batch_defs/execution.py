@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batch_defs.items import Chunk, Item
-from batch_defs.ledger import Ledger
+from batch_defs.ledger import FAILURE_STATUSES, Ledger
 from batch_defs.runner import ItemOutcome, ItemRunner, run_items
 from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.tasks import Handler, TaskContext
@@ -64,7 +64,7 @@ class LedgerSink:
         self.lock = threading.Lock()
 
     def judge(self, outcome: ItemOutcome) -> str | None:
-        if outcome.status != "failed":
+        if outcome.status not in FAILURE_STATUSES:
             return None
         with self.lock:
             self.failures += 1
@@ -75,10 +75,10 @@ class LedgerSink:
 
     def add(self, outcome: ItemOutcome) -> None:
         self.outcomes.append(outcome)
-        failed = outcome.status == "failed"
+        # The input of a failed or rejected item is its dead-letter payload: kept for fixing.
+        kept_input = outcome.item.data if outcome.status in FAILURE_STATUSES else None
         self.buffer.append(self.run.row(
-            outcome.item, status=outcome.status, attempts=outcome.attempts,
-            input=outcome.item.data if failed else None,
+            outcome.item, status=outcome.status, attempts=outcome.attempts, input=kept_input,
             output=outcome.output, error=outcome.error, attempt_log=outcome.attempt_log or None,
             started_at=outcome.started_at, finished_at=outcome.finished_at,
             duration_s=outcome.duration_s, cost=outcome.cost, tokens=outcome.tokens,
@@ -139,7 +139,7 @@ def execute_chunk(ledger: Ledger, run: PhaseRun, chunk: Chunk, handler: Handler,
     succeeded = [Item(o.item.key, o.item.seq, o.output or {})
                  for o in sink.outcomes if o.status == "succeeded"]
     outputs = sorted(reused + succeeded, key=lambda item: item.seq)
-    failed = sum(o.status == "failed" for o in sink.outcomes)
+    failed = sum(o.status in FAILURE_STATUSES for o in sink.outcomes)
     return ChunkResult(outputs, len(sink.outcomes), len(reused), failed, reason)
 
 

@@ -21,7 +21,7 @@ from batch_defs.progress import ProgressWindow
 from batch_defs.sources import SourceError, read_source
 from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.summary import summarize_run
-from batch_defs.tasks import Handler, build_handler
+from batch_defs.tasks import Handler, build_handler, task_resources
 from resources.storage import BatchStorageResource, RunOverridesResource
 
 RESOURCE_KEYS = {"batch_storage", "run_overrides"}
@@ -59,8 +59,11 @@ class BatchStep:
         self.run_id = context.run_id
 
     def phase_run(self, phase: PhaseSpec) -> PhaseRun:
+        resources = {key: getattr(self.context.resources, key)
+                     for key in task_resources(phase.task)}
         return PhaseRun(self.spec, phase, self.partition, self.run_id, self.loaded.base_dir,
-                        self.output_dir, log=self.context.log)  # type: ignore[arg-type]
+                        self.output_dir, resources=resources,
+                        log=self.context.log)  # type: ignore[arg-type]
 
     def publish_progress(self, force: bool = False) -> None:
         """Progress as run tags (the Dagster run list shows them) and a log line, throttled."""
@@ -137,7 +140,8 @@ def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
     declared = loaded.spec.phases[index]
 
     @dg.op(name=op_name(loaded.spec, declared.name), out=dg.Out(Chunk),
-           required_resource_keys=RESOURCE_KEYS, pool=declared.pool,
+           required_resource_keys=RESOURCE_KEYS | set(task_resources(declared.task)),
+           pool=declared.pool,
            description=f"Phase {index + 1}: task {declared.task!r} on each item of a chunk.")
     def run_phase(context: dg.OpExecutionContext, chunk: Chunk) -> Chunk:
         step = BatchStep(loaded, context)
@@ -184,7 +188,9 @@ def retry_failed_items(step: BatchStep, lineage: list[str], chunks: list[Chunk])
 
 
 def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
-    @dg.op(name=op_name(loaded.spec, "collect"), required_resource_keys=RESOURCE_KEYS,
+    needed = {key for phase in loaded.spec.phases for key in task_resources(phase.task)}
+
+    @dg.op(name=op_name(loaded.spec, "collect"), required_resource_keys=RESOURCE_KEYS | needed,
            description="Completes the run's ledger rows, sums up and applies tolerated_failures.")
     def collect(context: dg.OpExecutionContext, chunks: list[Chunk]) -> dict[str, Any]:
         step = BatchStep(loaded, context)

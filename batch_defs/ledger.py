@@ -19,6 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 SOURCE_PHASE = "_source"  # rows for items rejected before any phase ran (status invalid)
 STATUSES = ("succeeded", "failed", "skipped", "invalid", "rejected")
+# Statuses that count against tolerated_failures (skipped is a handler's choice, not a failure).
+FAILURE_STATUSES = ("failed", "invalid", "rejected")
 
 metadata = sa.MetaData()
 
@@ -168,7 +170,7 @@ class Ledger:
         """(stop reason, items failed or invalid so far) in one query, for a step's start."""
         t = item_table.c
         failed = (sa.select(sa.func.count(sa.distinct(t.item_key)))
-                  .where(t.run_id == run_id, t.status.in_(("failed", "invalid")))
+                  .where(t.run_id == run_id, t.status.in_(FAILURE_STATUSES))
                   .scalar_subquery())
         query = sa.select(run_table.c.stop_reason, failed).where(run_table.c.run_id == run_id)
         with self.engine.connect() as conn:
@@ -194,10 +196,10 @@ class Ledger:
             return {(phase, status): n for phase, status, n in conn.execute(query)}
 
     def failed_items(self, run_id: str) -> int:
-        """Distinct items that failed or were invalid in any phase of the run."""
+        """Distinct items that failed, were invalid or rejected in any phase of the run."""
         t = item_table.c
         query = sa.select(sa.func.count(sa.distinct(t.item_key))).where(
-            t.run_id == run_id, t.status.in_(("failed", "invalid")))
+            t.run_id == run_id, t.status.in_(FAILURE_STATUSES))
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar() or 0)
 

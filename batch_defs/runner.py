@@ -19,13 +19,13 @@ import tenacity
 
 from batch_defs.items import Item
 from batch_defs.spec import RetrySpec
-from batch_defs.tasks.base import SkipItem, TaskResult
+from batch_defs.tasks.base import RejectItem, SkipItem, TaskResult
 
 
 @dataclass
 class ItemOutcome:
     item: Item
-    status: str  # succeeded | failed | skipped
+    status: str  # succeeded | failed | skipped | rejected
     attempts: int
     started_at: float
     finished_at: float
@@ -82,7 +82,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None) -> Any:
 
 
 def is_retryable(exc: BaseException, retry_on: list[str | int]) -> bool:
-    if isinstance(exc, SkipItem):
+    if isinstance(exc, SkipItem | RejectItem):
         return False
     if not retry_on:
         return True
@@ -141,6 +141,9 @@ class ItemRunner:
                                    output=output, cost=cost, tokens=tokens, attempt_log=log)
             except SkipItem as exc:
                 return ItemOutcome(item, "skipped", attempt, started, time.time(),
+                                   error=str(exc), attempt_log=log)
+            except RejectItem as exc:
+                return ItemOutcome(item, "rejected", attempt, started, time.time(),
                                    error=str(exc), attempt_log=log)
             except Exception as exc:
                 last = (attempt >= self.retry.max_attempts

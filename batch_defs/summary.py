@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batch_defs.ledger import SOURCE_PHASE, Ledger
+from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger
 
 
 def summarize_run(ledger: Ledger, run_id: str, failed_examples: int = 10) -> dict[str, Any]:
@@ -18,7 +18,7 @@ def summarize_run(ledger: Ledger, run_id: str, failed_examples: int = 10) -> dic
     finished = float(executed["finished_at"].max()) if len(executed) else started
     duration = max(0.0, finished - started)
     succeeded = counts.get((phases[-1], "succeeded"), 0) if phases else 0
-    failures = rows[rows["status"].isin(["failed", "invalid", "rejected"])]
+    failures = rows[rows["status"].isin(FAILURE_STATUSES)]
     return {
         "run_id": run_id,
         "batch": run.get("batch"),

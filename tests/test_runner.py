@@ -11,7 +11,7 @@ import pytest
 from batch_defs.items import Item
 from batch_defs.runner import ItemOutcome, ItemRunner, is_retryable, run_items, to_output
 from batch_defs.spec import RetrySpec
-from batch_defs.tasks.base import SkipItem, TaskResult
+from batch_defs.tasks.base import RejectItem, SkipItem, TaskResult
 
 pytestmark = pytest.mark.unit
 
@@ -140,15 +140,19 @@ def test_timeout_fails_the_attempt() -> None:
     assert sink.outcomes[0].error == "TimeoutError: timed out after 0.1s"
 
 
-def test_skip_and_task_result() -> None:
+def test_skip_reject_and_task_result() -> None:
     def call(item: Item, attempt: int) -> Any:
         if item.seq == 0:
             raise SkipItem("not needed")
+        if item.seq == 2:
+            raise RejectItem("total must be > 0")
         return TaskResult(output={"x": 1}, cost=0.5, tokens=7)
 
     sink = ListSink()
-    run_items(items(2), runner(call, RetrySpec(max_attempts=3)), 1, sink)
-    skipped, priced = sink.outcomes
+    run_items(items(3), runner(call, RetrySpec(max_attempts=3)), 1, sink)
+    skipped, priced, rejected = sink.outcomes
+    assert (rejected.status, rejected.error, rejected.attempts) == (
+        "rejected", "total must be > 0", 1)  # a verdict is not retried
     assert (skipped.status, skipped.error, skipped.attempts) == ("skipped", "not needed", 1)
     assert (priced.status, priced.cost, priced.tokens) == ("succeeded", 0.5, 7)
     assert priced.output == {"id": 1, "x": 1}

@@ -13,6 +13,7 @@ from batch_defs.tasks.base import (
     AfterHandler,
     AfterType,
     Handler,
+    RejectItem,
     SkipItem,
     TaskContext,
     TaskResult,
@@ -29,8 +30,14 @@ AFTER_TYPES: dict[str, AfterType] = {
     "python": AfterType(python.PythonParams, python.make_after_handler),
 }
 
-__all__ = ["AfterContext", "Handler", "SkipItem", "TaskContext", "TaskResult",
-           "build_handler", "build_after_handler", "check_spec_tasks"]
+__all__ = ["AfterContext", "Handler", "RejectItem", "SkipItem", "TaskContext", "TaskResult",
+           "build_handler", "build_after_handler", "check_spec_tasks", "task_resources"]
+
+
+def task_resources(task: str) -> tuple[str, ...]:
+    """Dagster resource keys a task type's handler needs (empty for unknown types)."""
+    task_type = TASK_TYPES.get(task)
+    return task_type.resources if task_type else ()
 
 
 def build_handler(task: str, params: dict, base_dir: Path) -> Handler:

@@ -15,6 +15,10 @@ class SkipItem(Exception):  # noqa: N818 - it is a signal, not an error
     """Raised by ctx.skip(reason): the item is recorded as skipped and not passed on."""
 
 
+class RejectItem(Exception):  # noqa: N818 - it is a verdict, not an error
+    """Raised by a quality gate (ctx.reject(rule)): recorded as rejected, never retried."""
+
+
 @dataclass
 class TaskResult:
     """A handler's result with what it cost; `output` is what the next phase receives."""
@@ -46,6 +50,9 @@ class TaskContext:
     def skip(self, reason: str) -> None:
         raise SkipItem(reason)
 
+    def reject(self, rule: str) -> None:
+        raise RejectItem(rule)
+
 
 Handler = Callable[[dict[str, Any], TaskContext], Any]
 
@@ -56,10 +63,12 @@ class TaskParams(BaseModel):
 
 @dataclass(frozen=True)
 class TaskType:
-    """A built-in task: its params model and a factory turning valid params into a handler."""
+    """A built-in task: its params model, a factory turning valid params into a handler, and
+    the Dagster resources (by key) its handler reads from ctx.resources."""
 
     params: type[TaskParams]
     make_handler: Callable[[Any, Path], Handler]
+    resources: tuple[str, ...] = ()
 
 
 @dataclass
