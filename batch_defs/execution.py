@@ -127,7 +127,7 @@ def execute_chunk(ledger: Ledger, run: PhaseRun, chunk: Chunk, handler: Handler,
         ctx = TaskContext(params=phase.params, batch=spec.name, partition=run.partition,
                           run_id=run.run_id, phase=phase.name, key=item.key, attempt=attempt,
                           base_dir=run.base_dir, output_dir=run.output_dir,
-                          resources=run.resources, log=run.log)
+                          resources=run.resources, log=run.log, journal=ledger)
         return handler(dict(item.data), ctx)
 
     stop = threading.Event()

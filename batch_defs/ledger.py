@@ -70,6 +70,14 @@ run_table = sa.Table(
 
 _queries: Counter[str] = Counter()  # statements sent per ledger URL by this process
 
+effect_table = sa.Table(
+    "batch_effect",
+    metadata,
+    sa.Column("idempotency_key", sa.String(1024), primary_key=True),
+    sa.Column("value", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
 ITEM_COLUMNS = [c.name for c in item_table.columns if c.name != "id"]
 _UPDATED_ON_CONFLICT = [c for c in ITEM_COLUMNS if c not in ("run_id", "phase", "item_key")]
 
@@ -243,6 +251,21 @@ class Ledger:
                     latest.setdefault((row["phase"], row["item_key"]), dict(row))
         return [row for key, row in latest.items()
                 if row["status"] == "failed" and key not in seen]
+
+    def recall(self, key: str) -> Any | None:
+        """The effect journal (TaskContext.recall/remember): side effects done per item."""
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(effect_table.c.value)
+                                 .where(effect_table.c.idempotency_key == key)).scalar()
+        return json.loads(value) if value is not None else None
+
+    def remember(self, key: str, value: Any) -> None:
+        stmt = self._insert(effect_table).values(
+            idempotency_key=key, value=to_json(value), created_at=time.time())
+        stmt = stmt.on_conflict_do_update(index_elements=["idempotency_key"],
+                                          set_={"value": stmt.excluded.value})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
 
     def rows(self, run_id: str, status: str | None = None,
              phase: str | None = None) -> pd.DataFrame:

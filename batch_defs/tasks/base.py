@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -28,6 +28,25 @@ class TaskResult:
     tokens: int = 0
 
 
+class EffectJournal(Protocol):
+    def recall(self, key: str) -> Any | None: ...
+
+    def remember(self, key: str, value: Any) -> None: ...
+
+
+class MemoryJournal:
+    """An effect journal kept in memory (for handlers called outside a batch run, in tests)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def recall(self, key: str) -> Any | None:
+        return self.values.get(key)
+
+    def remember(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+
 @dataclass
 class TaskContext:
     params: Mapping[str, Any]
@@ -41,11 +60,21 @@ class TaskContext:
     output_dir: Path = Path(".")
     resources: Mapping[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("batch_defs.task"))
+    journal: EffectJournal = field(default_factory=lambda: MemoryJournal())
 
     @property
     def idempotency_key(self) -> str:
         """Stable across retries, resumes and re-executions of the same item and phase."""
         return f"{self.batch}/{self.partition}/{self.key}/{self.phase}"
+
+    def recall(self) -> Any | None:
+        """What remember() stored for this item and phase in any earlier attempt or run."""
+        return self.journal.recall(self.idempotency_key)
+
+    def remember(self, value: Any) -> None:
+        """Record, durably and at once, that this item's side effect happened (e.g. the
+        message id of a sent email), so a retry or resume can skip doing it again."""
+        self.journal.remember(self.idempotency_key, value)
 
     def skip(self, reason: str) -> None:
         raise SkipItem(reason)
