@@ -55,25 +55,67 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
-def validate(paths: tuple[Path, ...]) -> None:
-    """Validate batch YAML files (default: every file in BATCH_DEFS_PATH)."""
-    problems = 0
-    files = batch_files(list(paths) if paths else None)
-    if not files:
+@click.argument("targets", nargs=-1)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="Check every item of this file against the batch (no phase runs).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Spec overrides, as for run.")
+@click.option("--items", "check_items", is_flag=True,
+              help="Also read each batch's source and check every item.")
+def validate(targets: tuple[str, ...], data: str | None, sets: tuple[str, ...],
+             check_items: bool) -> None:
+    """Validate batch files, folders or batch NAMEs (default: all in BATCH_DEFS_PATH).
+
+    With --data or --items, every item of the source is keyed and checked against the
+    schema, and each invalid item is listed with its row number and reason.
+    """
+    loaded_batches, problems = [], 0
+    paths = [Path(t) if Path(t).exists() else None for t in targets]
+    try:
+        files = batch_files([p for p in paths if p] if targets else None)
+        named = [find_batch(t) for t, p in zip(targets, paths, strict=True) if p is None]
+    except SpecError as exc:
+        fail(str(exc), 1)
+    if not files and not named:
         fail("no batch files found", 1)
     for file in files:
         try:
-            loaded = load_batch(file)
+            loaded_batches.append(load_batch(file))
         except SpecError as exc:
             problems += len(exc.problems)
             for problem in exc.problems:
                 console.print(f"[red]{problem}[/red]", highlight=False)
-            continue
-        out.print(f"ok {file} ({loaded.spec.name}: {len(loaded.spec.phases)} phases)",
+    for loaded in [*loaded_batches, *named]:
+        out.print(f"ok {loaded.path} ({loaded.spec.name}: {len(loaded.spec.phases)} phases)",
                   highlight=False)
+        if data or sets or check_items:
+            problems += check_source(loaded, data, sets)
     if problems:
-        fail(f"{problems} problem(s) in {len(files)} file(s)", 1)
+        fail(f"{problems} problem(s)", 1)
+
+
+def check_source(loaded: Any, data: str | None, sets: tuple[str, ...]) -> int:
+    """Read the batch's source and report invalid items; the number of problems found."""
+    from batch_defs.items import InvalidRow, check_records
+    from batch_defs.sources import SourceError, read_source
+
+    try:
+        spec = with_overrides(loaded.spec, data, sets)
+        valid = invalid = 0
+        for entry in check_records(read_source(spec.source, loaded.base_dir), spec.source.key,
+                                   spec.source.schema_, spec.options.max_items):
+            if isinstance(entry, InvalidRow):
+                invalid += 1
+                console.print(f"[red]{spec.name}: item {entry.key} {entry.error}[/red]",
+                              highlight=False)
+            else:
+                valid += 1
+    except (SpecError, SourceError) as exc:
+        console.print(f"[red]{loaded.spec.name}: source {loaded.spec.source.type}: {exc}[/red]",
+                      highlight=False)
+        return 1
+    out.print(f"  {valid} valid items, {invalid} invalid", highlight=False)
+    return invalid
 
 
 @main.command("list")

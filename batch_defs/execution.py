@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch_defs.items import Chunk, Item
-from batch_defs.ledger import FAILURE_STATUSES, Ledger
+from batch_defs.items import Chunk, InvalidRow, Item, ItemSpool, check_records
+from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger
 from batch_defs.runner import ItemOutcome, ItemRunner, run_items
+from batch_defs.sources import read_source
 from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.tasks import Handler, TaskContext
 
@@ -172,3 +173,33 @@ def retry_unfinished(ledger: Ledger, runs: Sequence[PhaseRun], handlers: Sequenc
         carried = result.outputs
     assert result is not None
     return ChunkResult(carried, executed, 0, failed, result.stop_reason)
+
+
+@dataclass
+class SourceRead:
+    spool: ItemSpool
+    invalid: int = 0
+    first_invalid: InvalidRow | None = None
+
+
+def spool_source(ledger: Ledger, spec: BatchSpec, base_dir: Path, partition: str, run_id: str,
+                 spool_path: Path) -> SourceRead:
+    """Read, key and validate the source in one streaming pass: valid items to the spool,
+    invalid ones to the ledger in batches."""
+    read = SourceRead(ItemSpool(spool_path))
+    pending: list[dict[str, Any]] = []
+    records = read_source(spec.source, base_dir)
+    for entry in check_records(records, spec.source.key, spec.source.schema_,
+                               spec.options.max_items):
+        if isinstance(entry, Item):
+            read.spool.add(entry)
+            continue
+        read.invalid += 1
+        read.first_invalid = read.first_invalid or entry
+        pending.append({"batch": spec.name, "partition": partition, "run_id": run_id,
+                        "phase": SOURCE_PHASE, "status": "invalid", **entry.ledger_row()})
+        if len(pending) >= FLUSH_ROWS:
+            ledger.record(pending)
+            pending = []
+    ledger.record(pending)
+    return read

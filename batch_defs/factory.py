@@ -3,9 +3,11 @@
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -13,12 +15,12 @@ from dagster._core.definitions.unresolved_asset_job_definition import (
     UnresolvedAssetJobDefinition,  # what define_asset_job returns; not exported by dagster
 )
 
-from batch_defs.execution import PhaseRun, execute_chunk, retry_unfinished
-from batch_defs.items import Chunk, chunk_size, make_chunks, prepare_items
-from batch_defs.ledger import SOURCE_PHASE, Ledger
+from batch_defs.execution import PhaseRun, execute_chunk, retry_unfinished, spool_source
+from batch_defs.items import Chunk, chunk_size
+from batch_defs.ledger import Ledger
 from batch_defs.loader import LoadedBatch
 from batch_defs.progress import ProgressWindow
-from batch_defs.sources import SourceError, read_source
+from batch_defs.sources import SourceError
 from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.summary import summarize_run
 from batch_defs.tasks import Handler, build_handler, task_resources
@@ -92,36 +94,32 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
     def fan_out(context: dg.OpExecutionContext) -> Iterator[dg.DynamicOutput[Chunk]]:
         step = BatchStep(loaded, context)
         spec = step.spec
-        try:
-            prepared = prepare_items(read_source(spec.source, loaded.base_dir),
-                                     spec.source.key, spec.source.schema_,
-                                     spec.options.max_items)
-        except SourceError as exc:
-            raise dg.Failure(f"source {spec.source.type}: {exc}", allow_retries=False) from exc
-        total = len(prepared.items)
-        step.ledger.start_run(step.run_id, spec.name, step.partition, total,
-                              [p.name for p in spec.phases], context.run.parent_run_id)
-        step.ledger.record([
-            {"batch": spec.name, "partition": step.partition, "run_id": step.run_id,
-             "phase": SOURCE_PHASE, "status": "invalid", **row} for row in prepared.invalid])
-        invalid = len(prepared.invalid)
-        if invalid:
-            first = prepared.invalid[0]
-            context.log.warning(f"{invalid} invalid items recorded, e.g. "
-                                f"{first['item_key']}: {first['error']}")
-        tolerated = spec.options.tolerated_count(total + invalid)
-        if spec.options.on_error == "fail_fast" and invalid > tolerated:
-            raise dg.Failure(f"{invalid} invalid items (tolerated {tolerated}); first: "
-                             f"{prepared.invalid[0]['error']}", allow_retries=False)
-        if not total:
-            raise dg.Failure(f"the source has no valid items ({invalid} invalid)",
-                             allow_retries=False)
-        size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
-        chunks = make_chunks(prepared.items, size, invalid)
-        context.log.info(f"{total} items in {len(chunks)} chunks of up to {size}")
-        context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
-        for chunk in chunks:
-            yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
+        with tempfile.TemporaryDirectory(prefix="batch_spool_") as spool_dir:
+            try:
+                read = spool_source(step.ledger, spec, loaded.base_dir, step.partition,
+                                    step.run_id, Path(spool_dir) / "items.jsonl")
+            except SourceError as exc:
+                raise dg.Failure(f"source {spec.source.type}: {exc}",
+                                 allow_retries=False) from exc
+            total, invalid = read.spool.count, read.invalid
+            step.ledger.start_run(step.run_id, spec.name, step.partition, total,
+                                  [p.name for p in spec.phases], context.run.parent_run_id)
+            if read.first_invalid:
+                context.log.warning(f"{invalid} invalid items recorded, e.g. "
+                                    f"{read.first_invalid.key}: {read.first_invalid.error}")
+            tolerated = spec.options.tolerated_count(total + invalid)
+            if spec.options.on_error == "fail_fast" and invalid > tolerated:
+                raise dg.Failure(f"{invalid} invalid items (tolerated {tolerated}); first: "
+                                 f"{read.first_invalid.error if read.first_invalid else ''}",
+                                 allow_retries=False)
+            if not total:
+                what = f"no valid items ({invalid} invalid)" if invalid else "no items"
+                raise dg.Failure(f"source {spec.source.type} has {what}", allow_retries=False)
+            size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
+            context.log.info(f"{total} items in chunks of up to {size}")
+            context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
+            for chunk in read.spool.chunks(size, invalid):
+                yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
 
     return fan_out
 

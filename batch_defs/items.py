@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from batch_defs.sources import RawRecord, SourceError
 from batch_defs.validation import build_item_model, validate_item
@@ -36,17 +38,28 @@ class Chunk:
         return f"chunk_{self.index:04d}"
 
 
-@dataclass
-class PreparedItems:
-    items: list[Item] = field(default_factory=list)
-    invalid: list[dict[str, Any]] = field(default_factory=list)  # ledger rows, status invalid
+@dataclass(frozen=True)
+class InvalidRow:
+    """A record that cannot become an item, and why; it becomes an `invalid` ledger row."""
+
+    key: str
+    row: int
+    data: dict[str, Any] | None
+    reason: str
+
+    @property
+    def error(self) -> str:
+        return f"row {self.row}: {self.reason}"
+
+    def ledger_row(self) -> dict[str, Any]:
+        return {"item_key": self.key, "seq": self.row, "input": self.data, "error": self.error}
 
 
-def prepare_items(records: Iterable[RawRecord], key_field: str | None,
-                  schema: dict[str, str] | None, max_items: int) -> PreparedItems:
-    """Give each record a key, validate it; bad records become invalid rows, never drops."""
+def check_records(records: Iterable[RawRecord], key_field: str | None,
+                  schema: dict[str, str] | None, max_items: int) -> Iterator[Item | InvalidRow]:
+    """Give each record a key and validate it, streaming: every record comes out as an Item
+    or an InvalidRow, never dropped. Only the keys seen so far are kept in memory."""
     model = build_item_model(schema) if schema else None
-    prepared = PreparedItems()
     first_row: dict[str, int] = {}
     for count, record in enumerate(records, start=1):
         if count > max_items:
@@ -64,15 +77,63 @@ def prepare_items(records: Iterable[RawRecord], key_field: str | None,
         if reason is None and key in first_row:
             reason = f"duplicate key {key!r} (first at row {first_row[key]})"
             key = f"{key}#row_{record.row}"
+        elif reason is None:
+            # Claimed even if the record fails the schema: a key twice in a source is
+            # ambiguous whichever copy is valid.
+            first_row[key] = record.row
         if reason is None and model is not None and data is not None:
             data, reason = validate_item(model, data)
         if reason is not None:
-            prepared.invalid.append({"item_key": key, "seq": record.row, "input": data,
-                                     "error": f"row {record.row}: {reason}"})
+            yield InvalidRow(key, record.row, data, reason)
             continue
-        first_row[key] = record.row
-        prepared.items.append(Item(key, record.row, data or {}))
+        yield Item(key, record.row, data or {})
+
+
+@dataclass
+class PreparedItems:
+    items: list[Item] = field(default_factory=list)
+    invalid: list[InvalidRow] = field(default_factory=list)
+
+
+def prepare_items(records: Iterable[RawRecord], key_field: str | None,
+                  schema: dict[str, str] | None, max_items: int) -> PreparedItems:
+    """check_records, collected in memory (for small sources and tests)."""
+    prepared = PreparedItems()
+    for entry in check_records(records, key_field, schema, max_items):
+        if isinstance(entry, InvalidRow):
+            prepared.invalid.append(entry)
+        else:
+            prepared.items.append(entry)
     return prepared
+
+
+class ItemSpool:
+    """Valid items go to a JSON-lines file as the source is read, and come back chunk by chunk,
+    so a large source never sits in memory as a whole (the chunk size depends on the count)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.count = 0
+        self._file: IO[str] = path.open("w", encoding="utf-8")
+
+    def add(self, item: Item) -> None:
+        self._file.write(json.dumps([item.key, item.seq, item.data], default=str))
+        self._file.write("\n")
+        self.count += 1
+
+    def chunks(self, size: int, invalid: int = 0) -> Iterator[Chunk]:
+        self._file.close()
+        batch: list[Item] = []
+        index = 0
+        with self.path.open(encoding="utf-8") as handle:
+            for line in handle:
+                key, seq, data = json.loads(line)
+                batch.append(Item(key, seq, data))
+                if len(batch) == size:
+                    yield Chunk(index, batch, self.count, invalid)
+                    batch, index = [], index + 1
+        if batch:
+            yield Chunk(index, batch, self.count, invalid)
 
 
 def chunk_size(total: int, slots: int, configured: str | int) -> int:
@@ -82,9 +143,3 @@ def chunk_size(total: int, slots: int, configured: str | int) -> int:
     if configured != "auto":
         return int(configured)
     return max(1, min(total, max(slots * 25, math.ceil(total / 50))))
-
-
-def make_chunks(items: list[Item], size: int, invalid: int = 0) -> list[Chunk]:
-    total = len(items)
-    return [Chunk(i, items[start:start + size], total, invalid)
-            for i, start in enumerate(range(0, total, size))]

@@ -77,6 +77,9 @@ class HttpSourceSpec(_SourceBase):
     records: str | None = None
     pagination: PaginationSpec | None = None
     timeout_s: float = Field(default=30.0, gt=0)
+    # 429 and 5xx answers are retried, waiting Retry-After when the server sends it.
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    backoff_s: float = Field(default=0.5, ge=0)
 
 
 class InlineSourceSpec(_SourceBase):

@@ -147,3 +147,23 @@ def test_unreadable_source_is_explained(env: dict[str, str], batch_dir: Path) ->
     (failure,) = status["step_failures"]
     assert failure["step"] == "nofile_batch.fan_out"
     assert failure["error"] == f"source csv: file not found: {batch_dir / 'absent.csv'}"
+
+
+def test_validate_checks_every_item_of_a_data_file(env: dict[str, str], batch_dir: Path,
+                                                   tmp_path: Path) -> None:
+    write_batch(batch_dir, {
+        "name": "people", "source": {"type": "csv", "path": "people.csv", "key": "id",
+                                     "schema": {"id": "int", "email": "email"}},
+        "phases": [{"name": "score", "task": "python",
+                    "params": {"function": "tests.handlers:fail_listed"}}],
+    })
+    data = tmp_path / "people.csv"
+    data.write_text("id,email\n1,a@example.com\nx,b@example.com\n3,nope\n3,c@example.com\n")
+    done = cli(env, "validate", "people", "--data", str(data))
+    assert done.returncode == 1
+    assert "1 valid items, 3 invalid" in done.stdout
+    assert "people: item x row 3: id: Input should be a valid integer" in done.stderr
+    assert "people: item 3 row 4: email: value is not a valid email address" in done.stderr
+    assert "people: item 3#row_5 row 5: duplicate key '3' (first at row 4)" in done.stderr
+    missing = cli(env, "validate", "people", "--items")
+    assert missing.returncode == 1 and "file not found" in missing.stderr

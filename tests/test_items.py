@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_defs.items import chunk_size, make_chunks, prepare_items
+from batch_defs.items import Item, ItemSpool, chunk_size, prepare_items
 from batch_defs.sources import RawRecord, SourceError, read_source
 from batch_defs.spec import CsvSourceSpec, JsonlSourceSpec, JsonSourceSpec
 
@@ -19,7 +19,7 @@ def test_keys_duplicates_and_missing_keys_become_invalid_rows() -> None:
                RawRecord(5, {"id": ""}), RawRecord(6, None, "expected 2 columns, found 3")]
     prepared = prepare_items(records, "id", None, 100)
     assert [i.key for i in prepared.items] == ["a", "b"]
-    assert [(r["item_key"], r["error"]) for r in prepared.invalid] == [
+    assert [(r.key, r.error) for r in prepared.invalid] == [
         ("a#row_4", "row 4: duplicate key 'a' (first at row 2)"),
         ("row_5", "row 5: missing key field 'id'"),
         ("row_6", "row 6: expected 2 columns, found 3"),
@@ -40,9 +40,9 @@ def test_schema_coerces_and_explains() -> None:
     assert item.data == {"id": 7, "email": "a@example.com", "amount": 1.5, "note": None,
                          "state": "paid", "extra": "kept"}
     (bad,) = prepared.invalid
-    assert bad["error"].startswith("row 2: id: Input should be a valid integer")
-    assert "email: value is not a valid email address" in bad["error"]
-    assert "state: Input should be 'draft' or 'paid'" in bad["error"]
+    assert bad.error.startswith("row 2: id: Input should be a valid integer")
+    assert "email: value is not a valid email address" in bad.error
+    assert "state: Input should be 'draft' or 'paid'" in bad.error
 
 
 def test_max_items_is_enforced() -> None:
@@ -60,9 +60,13 @@ def test_chunk_size(total: int, slots: int, configured: str | int, expected: int
     assert chunk_size(total, slots, configured) == expected
 
 
-def test_chunks_have_stable_mapping_keys() -> None:
-    prepared = prepare_items((RawRecord(i, {"id": i}) for i in range(1, 26)), "id", None, 100)
-    chunks = make_chunks(prepared.items, 10, invalid=2)
+def test_spool_gives_chunks_with_stable_mapping_keys(tmp_path: Path) -> None:
+    spool = ItemSpool(tmp_path / "items.jsonl")
+    for item in prepare_items((RawRecord(i, {"id": i, "when": "x"}) for i in range(1, 26)),
+                              "id", None, 100).items:
+        spool.add(item)
+    chunks = list(spool.chunks(10, invalid=2))
+    assert chunks[2].items[-1] == Item("25", 25, {"id": 25, "when": "x"})
     assert [c.mapping_key for c in chunks] == ["chunk_0000", "chunk_0001", "chunk_0002"]
     assert [len(c.items) for c in chunks] == [10, 10, 5]
     assert chunks[0].total_items == 25 and chunks[0].tolerance_base == 27

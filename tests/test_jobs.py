@@ -235,3 +235,18 @@ def test_run_config_overrides_the_source(batch_dir: Path, instance: dg.DagsterIn
     assert not unreadable.success
     failure = next(e for e in unreadable.all_events if e.event_type_value == "STEP_FAILURE")
     assert "file not found" in failure.event_specific_data.error.message
+
+
+def test_fail_fast_with_invalid_items_runs_no_phase(batch_dir: Path,
+                                                    instance: dg.DagsterInstance) -> None:
+    spec = failing_spec("strict", 0, [], "fail_fast", 0)
+    spec["source"] = {"type": "inline", "key": "id", "schema": {"id": "int"},
+                      "items": [{"id": 1}, {"id": "bad"}, {"id": 3}]}
+    write_batch(batch_dir, spec)
+    result = run_batch(batch_dir, instance, "strict")
+    assert not result.success
+    rows = ledger(instance).rows(result.run_id)
+    assert list(zip(rows["phase"], rows["status"], strict=True)) == [(SOURCE_PHASE, "invalid")]
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.event_specific_data.error.message.startswith(
+        "dagster._core.definitions.events.Failure: 1 invalid items (tolerated 0); first: row 2")

@@ -42,19 +42,24 @@ class RetryableStatusError(Exception):
         self.response = response
 
 
-def _wait_retry_after(state: tenacity.RetryCallState) -> float:
-    exc = state.outcome.exception() if state.outcome else None
-    if isinstance(exc, RetryableStatusError):
-        header = exc.response.headers.get("Retry-After", "")
-        if header.isdigit():
-            return min(float(header), 60.0)
-    return min(0.5 * 2 ** (state.attempt_number - 1), 30.0)
+def retry_after_s(response: httpx.Response) -> float | None:
+    """Seconds the server asked us to wait (Retry-After in seconds), capped at a minute."""
+    header = response.headers.get("Retry-After", "").strip()
+    return min(float(header), 60.0) if header.isdigit() else None
 
 
-def _fetch(client: httpx.Client, spec: Any, url: str, params: dict[str, Any]) -> httpx.Response:
+def _fetch(client: httpx.Client, spec: Any, url: str, params: dict[str, Any],
+           page: int) -> httpx.Response:
+    def wait(state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = retry_after_s(exc.response) if isinstance(exc, RetryableStatusError) else None
+        if asked is not None:
+            return asked
+        return min(spec.backoff_s * 2 ** (state.attempt_number - 1), 30.0)
+
     @tenacity.retry(
         retry=tenacity.retry_if_exception_type((RetryableStatusError, httpx.TransportError)),
-        wait=_wait_retry_after, stop=tenacity.stop_after_attempt(5), reraise=True,
+        wait=wait, stop=tenacity.stop_after_attempt(spec.max_attempts), reraise=True,
     )
     def attempt() -> httpx.Response:
         response = client.request(spec.method, url, params=params, json=spec.body)
@@ -62,14 +67,16 @@ def _fetch(client: httpx.Client, spec: Any, url: str, params: dict[str, Any]) ->
             raise RetryableStatusError(response)
         return response
 
+    where = f"{url} (page {page})"
     try:
         response = attempt()
     except RetryableStatusError as exc:
-        raise SourceError(f"{url}: HTTP {exc.response.status_code} after 5 attempts") from exc
+        raise SourceError(f"{where}: HTTP {exc.response.status_code} after "
+                          f"{spec.max_attempts} attempts") from exc
     except httpx.TransportError as exc:
-        raise SourceError(f"{url}: {exc}") from exc
+        raise SourceError(f"{where}: {type(exc).__name__}: {exc}") from exc
     if response.status_code >= 400:
-        raise SourceError(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+        raise SourceError(f"{where}: HTTP {response.status_code}: {response.text[:200]}")
     return response
 
 
@@ -87,7 +94,7 @@ def read_http(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         for page in range(1, (pagination.max_pages if pagination else 1) + 1):
             if url is None:
                 return
-            response = _fetch(client, spec, url, params)
+            response = _fetch(client, spec, url, params, page)
             try:
                 body = response.json()
             except ValueError as exc:
@@ -107,7 +114,10 @@ def read_http(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
             if pagination.type == "page":
                 params[pagination.param or "page"] += 1
             elif pagination.type == "cursor":
-                cursor = dig(body, pagination.cursor_field or "next_cursor")
+                try:
+                    cursor = dig(body, pagination.cursor_field or "next_cursor")
+                except SourceError:  # the last page leaves the cursor out
+                    return
                 if not cursor:
                     return
                 params[pagination.param or "cursor"] = cursor

@@ -1,0 +1,231 @@
+"""Source readers against real files, databases and an HTTP server on loopback."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from batch_defs.items import InvalidRow, Item, ItemSpool, check_records
+from batch_defs.sources import RawRecord, SourceError, read_source
+from batch_defs.spec import (
+    CsvSourceSpec,
+    HttpSourceSpec,
+    JsonSourceSpec,
+    ParquetSourceSpec,
+    SqlSourceSpec,
+)
+from tests.conftest import PG_ADMIN_URL
+
+MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+def rows(spec: object, base: Path) -> list[RawRecord]:
+    return list(read_source(spec, base))
+
+
+@pytest.mark.unit
+def test_csv_delimiter_encoding_and_bad_bytes(tmp_path: Path) -> None:
+    (tmp_path / "eu.csv").write_bytes("id;name\n1;Zoë\n2;Jürgen\n".encode("latin-1"))
+    spec = CsvSourceSpec(type="csv", path="eu.csv", delimiter=";", encoding="latin-1")
+    assert [r.data for r in rows(spec, tmp_path)] == [{"id": "1", "name": "Zoë"},
+                                                      {"id": "2", "name": "Jürgen"}]
+    # Read as UTF-8, the two lines with Latin-1 bytes become invalid rows, naming the line.
+    utf8 = CsvSourceSpec(type="csv", path="eu.csv", delimiter=";")
+    assert rows(utf8, tmp_path) == [RawRecord(2, None, "not valid utf-8 (byte 5 of the line)"),
+                                    RawRecord(3, None, "not valid utf-8 (byte 4 of the line)")]
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfid,name\n1,x\n")
+    assert rows(CsvSourceSpec(type="csv", path="bom.csv"), tmp_path)[0].data == {
+        "id": "1", "name": "x"}
+
+
+@pytest.mark.unit
+def test_json_keeps_nested_objects_and_names_bad_lines(tmp_path: Path) -> None:
+    doc = {"data": {"items": [{"id": 1, "address": {"city": "Oslo"}, "tags": ["a"]}]}}
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    spec = JsonSourceSpec(type="json", path="doc.json", records="data.items")
+    assert rows(spec, tmp_path)[0].data == {"id": 1, "address": {"city": "Oslo"}, "tags": ["a"]}
+    (tmp_path / "bad.json").write_text('{"data":\n  [1,\n  oops]}')
+    with pytest.raises(SourceError, match=r"bad.json:3: invalid JSON"):
+        rows(JsonSourceSpec(type="json", path="bad.json"), tmp_path)
+    with pytest.raises(SourceError, match=r"doc.json: no field 'rows' on the path 'data.rows'"):
+        rows(JsonSourceSpec(type="json", path="doc.json", records="data.rows"), tmp_path)
+
+
+@pytest.mark.unit
+def test_parquet_reader(tmp_path: Path) -> None:
+    pd.DataFrame({"sku": ["a", "b"], "qty": [1, 2]}).to_parquet(tmp_path / "stock.parquet")
+    spec = ParquetSourceSpec(type="parquet", path="stock.parquet", columns={"sku": "id"})
+    assert [r.data for r in rows(spec, tmp_path)] == [{"id": "a", "qty": 1},
+                                                      {"id": "b", "qty": 2}]
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(SourceError, match="fake.parquet: not a readable Parquet file"):
+        rows(ParquetSourceSpec(type="parquet", path="fake.parquet"), tmp_path)
+
+
+@pytest.mark.unit
+def test_large_csv_streams_in_bounded_memory(tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    with path.open("w") as handle:
+        handle.write("id,email,amount,note\n")
+        for i in range(100_000):
+            handle.write(f"{i},user{i}@example.com,{i * 1.5},some note text for row {i}\n")
+    spec = CsvSourceSpec(type="csv", path="big.csv", key="id",
+                         schema={"id": "int", "email": "str", "amount": "float"})
+    tracemalloc.start()
+    spool = ItemSpool(tmp_path / "spool.jsonl")
+    for entry in check_records(read_source(spec, tmp_path), spec.key, spec.schema_, 200_000):
+        assert isinstance(entry, Item)
+        spool.add(entry)
+    chunks = sum(1 for _ in spool.chunks(5000))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert spool.count == 100_000 and chunks == 20
+    assert peak < 100 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB"
+
+
+@pytest.fixture
+def pg_table() -> Iterator[tuple[str, str]]:
+    name = f"src_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(PG_ADMIN_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"create table {name} (id int primary key, name text)"))
+        conn.execute(sa.text(f"insert into {name} values (1, 'ok'), (2, :hostile), (3, 'x')"),
+                     {"hostile": "'); drop table users; --"})
+    yield PG_ADMIN_URL, name
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"drop table {name}"))
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_sql_source_on_postgres_with_bound_parameters(pg_table: tuple[str, str]) -> None:
+    url, table = pg_table
+    spec = SqlSourceSpec(type="sql", url=url, query=f"select * from {table} where id >= :low "
+                         "order by id", params={"low": 2}, columns={"name": "title"})
+    assert [r.data for r in rows(spec, Path("."))] == [
+        {"id": 2, "title": "'); drop table users; --"}, {"id": 3, "title": "x"}]
+
+
+@pytest.mark.integration
+def test_sql_source_on_mariadb() -> None:
+    table = f"src_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(MARIADB_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"create table {table} (id int primary key, city varchar(40))"))
+        conn.execute(sa.text(f"insert into {table} values (1, 'Lyon'), (2, 'Graz')"))
+    try:
+        spec = SqlSourceSpec(type="sql", url=MARIADB_URL,
+                             query=f"select id, city from {table} where city = :city",
+                             params={"city": "Graz"})
+        assert [r.data for r in rows(spec, Path("."))] == [{"id": 2, "city": "Graz"}]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"drop table {table}"))
+        engine.dispose()
+
+
+@pytest.mark.unit
+def test_sql_source_sqlite_relative_and_refused_connection(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'local.db'}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("create table t (id int)"))
+        conn.execute(sa.text("insert into t values (7)"))
+    engine.dispose()
+    spec = SqlSourceSpec(type="sql", url="sqlite:///local.db", query="select id from t")
+    assert [r.data for r in rows(spec, tmp_path)] == [{"id": 7}]
+    refused = SqlSourceSpec(type="sql", url="postgresql+psycopg2://nobody@127.0.0.1:1/none",
+                            query="select 1")
+    with pytest.raises(SourceError, match=r"database postgresql\+psycopg2://nobody@127.0.0.1:1"):
+        rows(refused, tmp_path)
+
+
+def http_spec(server: HTTPServer, path: str, **fields: object) -> HttpSourceSpec:
+    return HttpSourceSpec.model_validate({"type": "http", "url": server.url_for(path),
+                                          "backoff_s": 0, **fields})
+
+
+@pytest.mark.integration
+def test_http_page_pagination_with_env_header(httpserver: HTTPServer,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_TOKEN", "s3cret")
+    pages = {1: [{"id": 1}, {"id": 2}], 2: [{"id": 3}], 3: []}
+
+    def handler(request: Request) -> Response:
+        assert request.headers["Authorization"] == "Bearer s3cret"
+        page = int(request.args["page"])
+        return Response(json.dumps({"data": {"items": pages[page]}}),
+                        content_type="application/json")
+
+    httpserver.expect_request("/customers").respond_with_handler(handler)
+    spec = http_spec(httpserver, "/customers", records="data.items",
+                     headers={"Authorization": "Bearer ${env:API_TOKEN}"},
+                     pagination={"type": "page", "param": "page"})
+    assert [r.data["id"] for r in rows(spec, Path("."))] == [1, 2, 3]
+
+
+@pytest.mark.integration
+def test_http_cursor_and_link_pagination(httpserver: HTTPServer) -> None:
+    def cursor_handler(request: Request) -> Response:
+        cursor = request.args.get("cursor")
+        body = ({"items": [{"id": "a"}], "next": "c2"} if cursor is None
+                else {"items": [{"id": "b"}]})
+        return Response(json.dumps(body), content_type="application/json")
+
+    httpserver.expect_request("/c").respond_with_handler(cursor_handler)
+    spec = http_spec(httpserver, "/c", records="items",
+                     pagination={"type": "cursor", "cursor_field": "next", "param": "cursor"})
+    assert [r.data["id"] for r in rows(spec, Path("."))] == ["a", "b"]
+
+    second = httpserver.url_for("/l2")
+    httpserver.expect_request("/l1").respond_with_json(
+        [{"id": 1}], headers={"Link": f'<{second}>; rel="next"'})
+    httpserver.expect_request("/l2").respond_with_json([{"id": 2}])
+    spec = http_spec(httpserver, "/l1", pagination={"type": "link"})
+    assert [r.data["id"] for r in rows(spec, Path("."))] == [1, 2]
+
+
+@pytest.mark.integration
+def test_http_retries_429_and_reports_500(httpserver: HTTPServer) -> None:
+    calls = {"n": 0}
+
+    def flaky(request: Request) -> Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return Response("slow down", status=429, headers={"Retry-After": "1"})
+        return Response(json.dumps([{"id": 1}]), content_type="application/json")
+
+    httpserver.expect_request("/flaky").respond_with_handler(flaky)
+    assert [r.data for r in rows(http_spec(httpserver, "/flaky"), Path("."))] == [{"id": 1}]
+    assert calls["n"] == 2
+
+    httpserver.expect_request("/down").respond_with_data("boom", status=500)
+    with pytest.raises(SourceError, match=r"/down \(page 1\): HTTP 500 after 3 attempts"):
+        rows(http_spec(httpserver, "/down", max_attempts=3), Path("."))
+    httpserver.expect_request("/missing").respond_with_data("nope", status=404)
+    with pytest.raises(SourceError, match=r"/missing \(page 1\): HTTP 404: nope"):
+        rows(http_spec(httpserver, "/missing"), Path("."))
+
+
+@pytest.mark.unit
+def test_records_become_items_or_invalid_rows(tmp_path: Path) -> None:
+    (tmp_path / "mixed.csv").write_text("id,email\n1,a@example.com\n1,b@example.com\n"
+                                        "2,not-an-email\n,c@example.com\n3,d@example.com,x\n")
+    spec = CsvSourceSpec(type="csv", path="mixed.csv", key="id", schema={"email": "email"})
+    entries = list(check_records(read_source(spec, tmp_path), "id", spec.schema_, 100))
+    assert [e.key for e in entries if isinstance(e, Item)] == ["1"]
+    assert [e.error for e in entries if isinstance(e, InvalidRow)] == [
+        "row 3: duplicate key '1' (first at row 2)",
+        "row 4: email: value is not a valid email address: An email address must have an "
+        "@-sign.",
+        "row 5: missing key field 'id'",
+        "row 6: expected 2 columns, found 3",
+    ]
