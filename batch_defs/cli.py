@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -21,7 +24,7 @@ console = Console(stderr=True)
 out = Console()
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[red]error:[/red] {message}", highlight=False)
     sys.exit(code)
 
@@ -177,11 +180,6 @@ def _run_config(data: str | None, sets: tuple[str, ...], verbose: bool) -> dict[
 def run(name: str, partition: str | None, data: str | None, sets: tuple[str, ...],
         verbose: bool, as_json: bool) -> None:
     """Run batch NAME in this process against the instance in DAGSTER_HOME."""
-    import dagster as dg
-    from dagster._core.definitions.reconstruct import build_reconstructable_job
-
-    from batch_defs.watch import watch_run
-
     try:
         loaded = find_batch(name)
         with_overrides(loaded.spec, data, sets)  # report bad overrides before launching
@@ -191,6 +189,17 @@ def run(name: str, partition: str | None, data: str | None, sets: tuple[str, ...
     key = partition or partition_key(data)
     if not inst.has_dynamic_partition(name, key):
         inst.add_dynamic_partitions(name, [key])
+    execute(inst, name, key, _run_config(data, sets, verbose), {}, None, as_json)
+
+
+def execute(inst: Any, name: str, key: str, run_config: dict[str, Any], tags: dict[str, str],
+            reexecution: Any, as_json: bool) -> NoReturn:
+    """Execute the batch's job in this process with live progress; exit with its outcome."""
+    import dagster as dg
+    from dagster._core.definitions.reconstruct import build_reconstructable_job
+
+    from batch_defs.watch import watch_run
+
     job = build_reconstructable_job("batch_defs.definitions", "get_job",
                                     reconstructable_args=(name,))
     launched = time.time()
@@ -200,9 +209,12 @@ def run(name: str, partition: str | None, data: str | None, sets: tuple[str, ...
         daemon=True)
     if not as_json:
         watcher.start()
+    # Who runs it, so that `resume` can tell a live run from one whose process was killed.
+    tags = {"dagster/partition": key, "batch/launched_by": "cli", "batch/pid": str(os.getpid()),
+            "batch/host": socket.gethostname(), **tags}
     try:
-        result = dg.execute_job(job, instance=inst, run_config=_run_config(data, sets, verbose),
-                                tags={"dagster/partition": key, "batch/launched_by": "cli"})
+        result = dg.execute_job(job, instance=inst, run_config=run_config, tags=tags,
+                                reexecution_options=reexecution)
     finally:
         done.set()
         if watcher.is_alive():
@@ -251,6 +263,125 @@ def resolve_run_id(inst: Any, prefix: str) -> str:
     return matches[0]
 
 
+def worker_alive(run: Any) -> bool | None:
+    """Whether the process executing a run still exists: None when we cannot tell (another
+    host, or a run launched by the daemon, which Dagster's run monitoring watches)."""
+    pid, host = run.tags.get("batch/pid"), run.tags.get("batch/host")
+    if not pid or host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _active_run(inst: Any, run_id: str) -> Any:
+    run = inst.get_run_by_id(resolve_run_id(inst, run_id))
+    if run.is_finished:
+        fail(f"run {run.run_id} has already ended ({run.status.value})", 1)
+    return run
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Spec overrides for the resumed run, e.g. options.budget.max_cost=10.")
+@click.option("--verbose", is_flag=True, help="Show Dagster's step logs too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def resume(run_id: str, sets: tuple[str, ...], verbose: bool, as_json: bool) -> None:
+    """Continue a failed, paused, canceled or killed run: only items not yet succeeded run.
+
+    The run is re-executed as a whole; the item ledger skips every item already done and
+    passes its stored outputs on, so no finished work is repeated.
+    """
+    import dagster as dg
+
+    inst = instance()
+    run = inst.get_run_by_id(resolve_run_id(inst, run_id))
+    if not run.is_finished:
+        alive = worker_alive(run)
+        if alive is not False:
+            fail(f"run {run.run_id} is {run.status.value}"
+                 + (" and its process is alive" if alive else "")
+                 + "; pause or cancel it first", 1)
+        inst.report_run_failed(run, f"process {run.tags['batch/pid']} is gone; "
+                                    "marked failed by batch-defs resume")
+        run = inst.get_run_by_id(run.run_id)
+    partition = run.tags.get("dagster/partition")
+    if not partition:
+        fail(f"run {run.run_id} has no partition")
+    run_config = dict(run.run_config)
+    if sets:
+        config = run_config.setdefault("resources", {}).setdefault(
+            "run_overrides", {}).setdefault("config", {})
+        config["overrides"] = [*config.get("overrides", []), *sets]
+        try:
+            loaded = find_batch(run.job_name)
+            with_overrides(loaded.spec, config.get("data"), config["overrides"])
+        except SpecError as exc:
+            fail(str(exc))
+    run_config["loggers"] = {"console": {"config": {"log_level":
+                                                    "INFO" if verbose else "WARNING"}}}
+    # Every step again, as a re-execution of the run: the ledger makes finished items free,
+    # and it avoids Dagster's step-level re-execution from failure, which can lose outputs of
+    # dynamic steps (dagster #20925, #30077) and refuses canceled runs (#17754).
+    reexecution = dg.ReexecutionOptions(parent_run_id=run.run_id)
+    execute(inst, run.job_name, partition, run_config, {"batch/resumed_from": run.run_id},
+            reexecution, as_json)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--wait/--no-wait", default=True, help="Wait until the run has stopped.")
+def pause(run_id: str, wait: bool) -> None:
+    """Stop starting items; in-flight items finish and are recorded; resume continues."""
+    from batch_defs.watch import follow_run
+
+    inst = instance()
+    run = _active_run(inst, run_id)
+    ledger_for(inst).request_stop(run.run_id, "paused: requested with batch-defs pause")
+    out.print(f"pausing {run.run_id}: no new items start; resume with "
+              f"batch-defs resume {run.run_id[:8]}", highlight=False)
+    if wait:
+        follow_run(inst, ledger_for(inst), run.run_id, console)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--grace", default=30.0, show_default=True,
+              help="Seconds for in-flight items to finish before the run is killed.")
+def cancel(run_id: str, grace: float) -> None:
+    """Terminate a run: stop starting items, give in-flight ones GRACE seconds, then kill."""
+    import dagster as dg
+
+    inst = instance()
+    run = _active_run(inst, run_id)
+    if run.status == dg.DagsterRunStatus.QUEUED:
+        inst.run_coordinator.cancel_run(run.run_id)
+        out.print(f"canceled queued run {run.run_id}")
+        return
+    ledger = ledger_for(inst)
+    ledger.request_stop(run.run_id, "canceled: requested with batch-defs cancel")
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not inst.get_run_by_id(run.run_id).is_finished:
+        time.sleep(0.5)
+    run = inst.get_run_by_id(run.run_id)
+    if not run.is_finished:
+        if worker_alive(run):
+            os.kill(int(run.tags["batch/pid"]), signal.SIGKILL)
+        elif inst.run_launcher.terminate(run.run_id):
+            pass
+        run = inst.get_run_by_id(run.run_id)
+    if run.status != dg.DagsterRunStatus.CANCELED:
+        inst.report_run_canceled(run, "canceled with batch-defs cancel")
+    ledger.set_status(run.run_id, "canceled")
+    inst.add_run_tags(run.run_id, {"batch/state": "canceled"})
+    out.print(f"canceled {run.run_id}", highlight=False)
+
+
 RESULT_COLUMNS = ["item_key", "phase", "status", "attempts", "error", "duration_s", "cost",
                   "tokens", "reused_from", "input", "output"]
 
@@ -259,7 +390,8 @@ RESULT_COLUMNS = ["item_key", "phase", "status", "attempts", "error", "duration_
 @click.argument("run_id")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]),
               default="table")
-@click.option("--status", "status_filter", help="Only rows with this status (e.g. failed).")
+@click.option("--status", "status_filter",
+              help="Only rows with these statuses, comma separated (e.g. failed,invalid).")
 @click.option("--phase", help="Only rows of this phase.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 def results(run_id: str, fmt: str, status_filter: str | None, phase: str | None,
@@ -267,7 +399,9 @@ def results(run_id: str, fmt: str, status_filter: str | None, phase: str | None,
     """Per-item rows of a run from the ledger."""
     inst = instance()
     run_id = resolve_run_id(inst, run_id)
-    rows = ledger_for(inst).rows(run_id, status=status_filter, phase=phase)
+    rows = ledger_for(inst).rows(run_id, phase=phase)
+    if status_filter:
+        rows = rows[rows["status"].isin(status_filter.split(","))]
     rows = rows[RESULT_COLUMNS]
     fmt = "json" if as_json else fmt
     if fmt == "csv":

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batch_defs.items import Chunk, InvalidRow, Item, ItemSpool, check_records
-from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger
+from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger, RunState
 from batch_defs.runner import ItemOutcome, ItemRunner, run_items
 from batch_defs.sources import read_source
-from batch_defs.spec import BatchSpec, PhaseSpec
+from batch_defs.spec import BatchSpec, BudgetSpec, PhaseSpec
 from batch_defs.tasks import Handler, TaskContext
 
 FLUSH_ROWS = 500  # rows per ledger write
@@ -52,10 +51,12 @@ class ChunkResult:
 class LedgerSink:
     """Buffers outcomes into batched ledger writes and decides when the batch must stop."""
 
-    def __init__(self, ledger: Ledger, run: PhaseRun, failures_before: int, tolerated: int,
+    def __init__(self, ledger: Ledger, run: PhaseRun, state: RunState, tolerated: int,
                  on_flush: Callable[[], None] | None = None):
         self.ledger, self.run = ledger, run
-        self.failures = failures_before
+        self.failures = state.failed_items
+        self.cost, self.tokens = state.spent_cost, state.spent_tokens
+        self.budget = run.spec.options.budget
         self.tolerated = tolerated
         self.on_flush = on_flush
         self.fail_fast = run.spec.on_error(run.phase) == "fail_fast"
@@ -65,14 +66,15 @@ class LedgerSink:
         self.lock = threading.Lock()
 
     def judge(self, outcome: ItemOutcome) -> str | None:
-        if outcome.status not in FAILURE_STATUSES:
-            return None
         with self.lock:
-            self.failures += 1
-            if self.fail_fast and self.failures > self.tolerated:
-                return (f"fail_fast: item {outcome.item.key!r} failed in phase "
-                        f"{self.run.phase.name!r}: {outcome.error}")
-        return None
+            self.cost += outcome.cost
+            self.tokens += outcome.tokens
+            if outcome.status in FAILURE_STATUSES:
+                self.failures += 1
+                if self.fail_fast and self.failures > self.tolerated:
+                    return (f"fail_fast: item {outcome.item.key!r} failed in phase "
+                            f"{self.run.phase.name!r}: {outcome.error}")
+            return budget_exceeded(self.budget, self.cost, self.tokens)
 
     def add(self, outcome: ItemOutcome) -> None:
         self.outcomes.append(outcome)
@@ -100,6 +102,15 @@ class LedgerSink:
             self.on_flush()
 
 
+def budget_exceeded(budget: BudgetSpec, cost: float, tokens: int) -> str | None:
+    """The stop reason once the partition's spend reaches options.budget, else None."""
+    if budget.max_cost is not None and cost >= budget.max_cost:
+        return f"budget: spent {cost:.4f} of max_cost {budget.max_cost:g}"
+    if budget.max_tokens is not None and tokens >= budget.max_tokens:
+        return f"budget: used {tokens} tokens of max_tokens {budget.max_tokens}"
+    return None
+
+
 def reuse_done(ledger: Ledger, run: PhaseRun, chunk: Chunk) -> tuple[list[Item], list[Item]]:
     """(items already succeeded in this partition with their stored outputs, items to run)."""
     done = ledger.succeeded(run.spec.name, run.partition, run.phase.name,
@@ -119,10 +130,14 @@ def reuse_done(ledger: Ledger, run: PhaseRun, chunk: Chunk) -> tuple[list[Item],
 
 
 def execute_chunk(ledger: Ledger, run: PhaseRun, chunk: Chunk, handler: Handler,
-                  failures_before: int = 0,
+                  state: RunState | None = None,
                   on_flush: Callable[[], None] | None = None) -> ChunkResult:
     spec, phase = run.spec, run.phase
+    state = state or RunState()
     reused, todo = reuse_done(ledger, run, chunk)
+    over_budget = budget_exceeded(spec.options.budget, state.spent_cost, state.spent_tokens)
+    if over_budget and todo:
+        return ChunkResult(reused, 0, len(reused), 0, over_budget)
 
     def call(item: Item, attempt: int) -> Any:
         ctx = TaskContext(params=phase.params, batch=spec.name, partition=run.partition,
@@ -133,10 +148,12 @@ def execute_chunk(ledger: Ledger, run: PhaseRun, chunk: Chunk, handler: Handler,
 
     stop = threading.Event()
     runner = ItemRunner(call, phase.name, phase.retry, phase.timeout_s, phase.merge_output, stop)
-    sink = LedgerSink(ledger, run, failures_before,
-                      spec.options.tolerated_count(chunk.tolerance_base), on_flush)
-    reason = run_items(todo, runner, spec.options.slots, sink) if todo else None
-    sink.flush()
+    sink = LedgerSink(ledger, run, state, spec.options.tolerated_count(chunk.tolerance_base),
+                      on_flush)
+    try:
+        reason = run_items(todo, runner, spec.options.slots, sink) if todo else None
+    finally:
+        sink.flush()  # what finished is recorded even when the step crashes
     succeeded = [Item(o.item.key, o.item.seq, o.output or {})
                  for o in sink.outcomes if o.status == "succeeded"]
     outputs = sorted(reused + succeeded, key=lambda item: item.seq)
@@ -144,28 +161,47 @@ def execute_chunk(ledger: Ledger, run: PhaseRun, chunk: Chunk, handler: Handler,
     return ChunkResult(outputs, len(sink.outcomes), len(reused), failed, reason)
 
 
-def retry_unfinished(ledger: Ledger, runs: Sequence[PhaseRun], handlers: Sequence[Handler],
-                     unfinished: Sequence[Mapping[str, Any]], total_items: int,
-                     failures_before: int = 0) -> ChunkResult | None:
-    """Run items that failed in earlier runs from the phase they failed in to the last one.
+def next_phase(states: Mapping[str, str], phases: Sequence[str]) -> int | None:
+    """Index of the phase an item must run next, or None when its outcome is final."""
+    if any(status != "succeeded" for status in states.values()):
+        return None  # failed, skipped or rejected in this run: final
+    done = 0
+    while done < len(phases) and states.get(phases[done]) == "succeeded":
+        done += 1
+    return None if done == len(phases) else done
 
-    Their stored input is what that phase received, so earlier phases are not repeated.
+
+def complete_run(ledger: Ledger, runs: Sequence[PhaseRun], handlers: Sequence[Handler],
+                 manifest: Iterable[Item], total_items: int) -> ChunkResult | None:
+    """Take every item of the batch that this run has not finished through its remaining
+    phases: items that failed in an earlier run, and items in steps a re-execution left out.
+
+    An item restarts at the first phase it has not succeeded in, with the stored output of the
+    phase before as its input, so nothing already done is repeated.
     """
-    if not unfinished:
+    run_id = runs[0].run_id
+    phases = [run.phase.name for run in runs]
+    states = ledger.item_states(run_id)
+    waiting: dict[int, list[Item]] = {}
+    for item in manifest:
+        index = next_phase(states.get(item.key, {}), phases)
+        if index is not None:
+            waiting.setdefault(index, []).append(item)
+    if not waiting:
         return None
-    by_phase: dict[str, list[Item]] = {}
-    for row in unfinished:
-        data = json.loads(row["input"]) if row["input"] else {}
-        by_phase.setdefault(row["phase"], []).append(Item(row["item_key"], row["seq"], data))
     carried: list[Item] = []
     executed = failed = 0
     result = None
-    for run, handler in zip(runs, handlers, strict=True):
-        items = sorted(carried + by_phase.get(run.phase.name, []), key=lambda i: i.seq)
+    for index, (run, handler) in enumerate(zip(runs, handlers, strict=True)):
+        starting = waiting.get(index, [])
+        if index and starting:
+            inputs = ledger.outputs(run_id, phases[index - 1], [i.key for i in starting])
+            starting = [Item(i.key, i.seq, inputs.get(i.key, i.data)) for i in starting]
+        items = sorted(carried + starting, key=lambda i: i.seq)
         if not items:
             continue
         result = execute_chunk(ledger, run, Chunk(-1, items, total_items), handler,
-                               failures_before=failures_before + failed)
+                               ledger.run_state(run_id))
         executed += result.executed
         failed += result.failed
         if result.stop_reason:

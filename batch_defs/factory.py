@@ -3,21 +3,20 @@
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import (
     UnresolvedAssetJobDefinition,  # what define_asset_job returns; not exported by dagster
 )
 
-from batch_defs.execution import PhaseRun, execute_chunk, retry_unfinished, spool_source
-from batch_defs.items import Chunk, chunk_size
-from batch_defs.ledger import Ledger
+from batch_defs.execution import PhaseRun, complete_run, execute_chunk, spool_source
+from batch_defs.items import Chunk, chunk_size, read_spool
+from batch_defs.ledger import Ledger, stop_kind
 from batch_defs.loader import LoadedBatch
 from batch_defs.progress import ProgressWindow
 from batch_defs.sources import SourceError
@@ -27,6 +26,9 @@ from batch_defs.tasks import Handler, build_handler, task_resources
 from resources.storage import BatchStorageResource, RunOverridesResource
 
 RESOURCE_KEYS = {"batch_storage", "run_overrides"}
+# Run state after a stop, by the stop reason's kind: paused runs are resumable on purpose.
+STOP_STATES = {"paused": "paused", "budget": "paused", "canceled": "canceled",
+               "fail_fast": "failed"}
 PROGRESS_EVERY_S = 5.0
 _progress: dict[str, tuple[float, ProgressWindow]] = {}  # run id -> (last publish, window)
 
@@ -67,6 +69,20 @@ class BatchStep:
                         self.output_dir, resources=resources,
                         log=self.context.log)  # type: ignore[arg-type]
 
+    def stop(self, reason: str, started: bool = True) -> NoReturn:
+        """End this step because the batch stopped (fail-fast, pause, cancel, budget).
+
+        The step fails rather than skips, so re-execution from failure picks it up again; the
+        run is tagged with its state, since Dagster has no 'paused' status of its own.
+        """
+        self.ledger.request_stop(self.run_id, reason)
+        state = STOP_STATES.get(stop_kind(reason) or "", "failed")
+        self.ledger.set_status(self.run_id, state)
+        self.context.instance.add_run_tags(self.run_id, {"batch/state": state})
+        self.publish_progress(force=True)
+        where = "" if started else "not started: "
+        raise dg.Failure(f"{where}{reason}", allow_retries=False)
+
     def publish_progress(self, force: bool = False) -> None:
         """Progress as run tags (the Dagster run list shows them) and a log line, throttled."""
         last, window = _progress.setdefault(self.run_id, (0.0, ProgressWindow()))
@@ -94,32 +110,33 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
     def fan_out(context: dg.OpExecutionContext) -> Iterator[dg.DynamicOutput[Chunk]]:
         step = BatchStep(loaded, context)
         spec = step.spec
-        with tempfile.TemporaryDirectory(prefix="batch_spool_") as spool_dir:
-            try:
-                read = spool_source(step.ledger, spec, loaded.base_dir, step.partition,
-                                    step.run_id, Path(spool_dir) / "items.jsonl")
-            except SourceError as exc:
-                raise dg.Failure(f"source {spec.source.type}: {exc}",
-                                 allow_retries=False) from exc
-            total, invalid = read.spool.count, read.invalid
-            step.ledger.start_run(step.run_id, spec.name, step.partition, total,
-                                  [p.name for p in spec.phases], context.run.parent_run_id)
-            if read.first_invalid:
-                context.log.warning(f"{invalid} invalid items recorded, e.g. "
-                                    f"{read.first_invalid.key}: {read.first_invalid.error}")
-            tolerated = spec.options.tolerated_count(total + invalid)
-            if spec.options.on_error == "fail_fast" and invalid > tolerated:
-                raise dg.Failure(f"{invalid} invalid items (tolerated {tolerated}); first: "
-                                 f"{read.first_invalid.error if read.first_invalid else ''}",
-                                 allow_retries=False)
-            if not total:
-                what = f"no valid items ({invalid} invalid)" if invalid else "no items"
-                raise dg.Failure(f"source {spec.source.type} has {what}", allow_retries=False)
-            size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
-            context.log.info(f"{total} items in chunks of up to {size}")
-            context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
-            for chunk in read.spool.chunks(size, invalid):
-                yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
+        manifest = manifest_path(context.instance, step.run_id)
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            read = spool_source(step.ledger, spec, loaded.base_dir, step.partition,
+                                step.run_id, manifest)
+        except SourceError as exc:
+            raise dg.Failure(f"source {spec.source.type}: {exc}",
+                             allow_retries=False) from exc
+        total, invalid = read.spool.count, read.invalid
+        step.ledger.start_run(step.run_id, spec.name, step.partition, total,
+                              [p.name for p in spec.phases], context.run.parent_run_id)
+        if read.first_invalid:
+            context.log.warning(f"{invalid} invalid items recorded, e.g. "
+                                f"{read.first_invalid.key}: {read.first_invalid.error}")
+        tolerated = spec.options.tolerated_count(total + invalid)
+        if spec.options.on_error == "fail_fast" and invalid > tolerated:
+            raise dg.Failure(f"{invalid} invalid items (tolerated {tolerated}); first: "
+                             f"{read.first_invalid.error if read.first_invalid else ''}",
+                             allow_retries=False)
+        if not total:
+            what = f"no valid items ({invalid} invalid)" if invalid else "no items"
+            raise dg.Failure(f"source {spec.source.type} has {what}", allow_retries=False)
+        size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
+        context.log.info(f"{total} items in chunks of up to {size}")
+        context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
+        for chunk in read.spool.chunks(size, invalid):
+            yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
 
     return fan_out
 
@@ -140,6 +157,9 @@ def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
     @dg.op(name=op_name(loaded.spec, declared.name), out=dg.Out(Chunk),
            required_resource_keys=RESOURCE_KEYS | set(task_resources(declared.task)),
            pool=declared.pool,
+           retry_policy=dg.RetryPolicy(max_retries=loaded.spec.options.step_retries, delay=1,
+                                       backoff=dg.Backoff.EXPONENTIAL)
+           if loaded.spec.options.step_retries else None,
            description=f"Phase {index + 1}: task {declared.task!r} on each item of a chunk.")
     def run_phase(context: dg.OpExecutionContext, chunk: Chunk) -> Chunk:
         step = BatchStep(loaded, context)
@@ -149,40 +169,45 @@ def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
                          [p.name for p in step.spec.phases], context.run.parent_run_id)
         # A stopped batch fails its remaining steps rather than skipping them, so that
         # re-execution from failure picks them up again.
-        stopped, failed_so_far = ledger.run_state(step.run_id)
-        if stopped:
-            raise dg.Failure(f"not started, the batch stopped: {stopped}", allow_retries=False)
-        result = execute_chunk(
-            ledger, step.phase_run(phase), chunk, phase_handler(loaded, phase),
-            failures_before=failed_so_far, on_flush=step.publish_progress,
-        )
+        state = ledger.run_state(step.run_id)
+        if state.stop_reason:
+            step.stop(state.stop_reason, started=False)
+        result = execute_chunk(ledger, step.phase_run(phase), chunk,
+                               phase_handler(loaded, phase), state, step.publish_progress)
         context.log.info(f"{chunk.mapping_key}: {result.executed} run, {result.reused} reused, "
                          f"{result.failed} failed")
         if result.stop_reason:
-            ledger.request_stop(step.run_id, result.stop_reason)
-            step.publish_progress(force=True)
-            raise dg.Failure(result.stop_reason, allow_retries=False)
+            step.stop(result.stop_reason)
         return Chunk(chunk.index, result.outputs, chunk.total_items, chunk.invalid_items)
 
     return run_phase
 
 
-def retry_failed_items(step: BatchStep, lineage: list[str], chunks: list[Chunk]) -> None:
-    """On a re-execution, retry items that failed in steps Dagster does not re-run."""
-    unfinished = step.ledger.unfinished(step.run_id, lineage)
-    if not unfinished:
+MANIFEST = "batch_items.jsonl"  # the fan-out's spool, kept beside the run's step outputs
+
+
+def manifest_path(instance: dg.DagsterInstance, run_id: str) -> Path:
+    return Path(instance.storage_directory()) / run_id / MANIFEST
+
+
+def complete_items(step: BatchStep, lineage: list[str], total_items: int) -> None:
+    """Run what earlier runs left unfinished: failed items, and steps a re-execution left out
+    (Dagster's re-execution from failure can miss mapped steps that never started)."""
+    instance = step.context.instance
+    manifest = next((manifest_path(instance, run) for run in [step.run_id, *lineage]
+                     if manifest_path(instance, run).exists()), None)
+    if manifest is None:
+        step.context.log.warning("no item manifest found; cannot check completeness")
         return
-    step.context.log.info(f"retrying {len(unfinished)} items that failed in earlier runs")
     phases = step.spec.phases
-    result = retry_unfinished(
-        step.ledger, [step.phase_run(p) for p in phases],
-        [phase_handler(step.loaded, p) for p in phases], unfinished,
-        total_items=chunks[0].total_items if chunks else len(unfinished),
-        failures_before=step.ledger.failed_items(step.run_id),
-    )
-    if result and result.stop_reason:
-        step.ledger.request_stop(step.run_id, result.stop_reason)
-        raise dg.Failure(result.stop_reason, allow_retries=False)
+    result = complete_run(step.ledger, [step.phase_run(p) for p in phases],
+                          [phase_handler(step.loaded, p) for p in phases],
+                          read_spool(manifest), total_items)
+    if result is None:
+        return
+    step.context.log.info(f"completed {result.executed} item-phases left unfinished earlier")
+    if result.stop_reason:
+        step.stop(result.stop_reason)
 
 
 def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
@@ -193,15 +218,18 @@ def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
     def collect(context: dg.OpExecutionContext, chunks: list[Chunk]) -> dict[str, Any]:
         step = BatchStep(loaded, context)
         lineage = run_lineage(context.instance, context.run)
-        retry_failed_items(step, lineage, chunks)
         copied = step.ledger.carry_over(step.run_id, lineage)
         if copied:
             context.log.info(f"{copied} ledger rows carried over from earlier runs")
+        run = step.ledger.run(step.run_id)
+        complete_items(step, lineage, run["total_items"] if run else 0)
         summary = summarize_run(step.ledger, step.run_id)
         summary["tolerated_failures"] = step.spec.options.tolerated_count(summary["items"])
         step.publish_progress(force=True)
         ok = summary["failed_items"] <= summary["tolerated_failures"]
-        step.ledger.finish_run(step.run_id, "succeeded" if ok else "failed", summary)
+        state = "succeeded" if ok else "failed"
+        step.ledger.finish_run(step.run_id, state, summary)
+        context.instance.add_run_tags(step.run_id, {"batch/state": state})
         if not ok:
             raise dg.Failure(
                 f"{summary['failed_items']} items failed or were invalid, more than the "

@@ -125,15 +125,20 @@ class ItemSpool:
         self._file.close()
         batch: list[Item] = []
         index = 0
-        with self.path.open(encoding="utf-8") as handle:
-            for line in handle:
-                key, seq, data = json.loads(line)
-                batch.append(Item(key, seq, data))
-                if len(batch) == size:
-                    yield Chunk(index, batch, self.count, invalid)
-                    batch, index = [], index + 1
+        for item in read_spool(self.path):
+            batch.append(item)
+            if len(batch) == size:
+                yield Chunk(index, batch, self.count, invalid)
+                batch, index = [], index + 1
         if batch:
             yield Chunk(index, batch, self.count, invalid)
+
+
+def read_spool(path: Path) -> Iterator[Item]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            key, seq, data = json.loads(line)
+            yield Item(key, seq, data)
 
 
 def chunk_size(total: int, slots: int, configured: str | int) -> int:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -80,6 +81,19 @@ effect_table = sa.Table(
 
 ITEM_COLUMNS = [c.name for c in item_table.columns if c.name != "id"]
 _UPDATED_ON_CONFLICT = [c for c in ITEM_COLUMNS if c not in ("run_id", "phase", "item_key")]
+
+
+@dataclass(frozen=True)
+class RunState:
+    stop_reason: str | None = None
+    failed_items: int = 0
+    spent_cost: float = 0.0  # in the whole partition, across runs
+    spent_tokens: int = 0
+
+
+def stop_kind(reason: str | None) -> str | None:
+    """fail_fast, paused, canceled or budget: the word before the reason's first colon."""
+    return reason.split(":", 1)[0] if reason else None
 
 
 def to_json(value: Any) -> str | None:
@@ -174,21 +188,34 @@ class Ledger:
                                                   run_table.c.stop_reason.is_(None))
                          .values(stop_reason=reason))
 
-    def run_state(self, run_id: str) -> tuple[str | None, int]:
-        """(stop reason, items failed or invalid so far) in one query, for a step's start."""
-        t = item_table.c
+    def run_state(self, run_id: str) -> RunState:
+        """What a step needs to know before starting items, in one query."""
+        t, r = item_table.c, run_table.c
         failed = (sa.select(sa.func.count(sa.distinct(t.item_key)))
                   .where(t.run_id == run_id, t.status.in_(FAILURE_STATUSES))
                   .scalar_subquery())
-        query = sa.select(run_table.c.stop_reason, failed).where(run_table.c.run_id == run_id)
+        # Spend counts every execution in the partition, whichever run paid for it, so a
+        # resumed batch does not get its budget afresh.
+        paid = (t.batch == r.batch, t.partition == r.partition, t.reused_from.is_(None))
+        cost = sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0)).where(*paid)
+        tokens = sa.select(sa.func.coalesce(sa.func.sum(t.tokens), 0)).where(*paid)
+        query = sa.select(r.stop_reason, failed, cost.scalar_subquery(),
+                          tokens.scalar_subquery()).where(r.run_id == run_id)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
-        return (row[0], int(row[1])) if row else (None, 0)
+        if row is None:
+            return RunState()
+        return RunState(row[0], int(row[1]), float(row[2]), int(row[3]))
 
     def stop_reason(self, run_id: str) -> str | None:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(run_table.c.stop_reason)
                                 .where(run_table.c.run_id == run_id)).scalar()
+
+    def set_status(self, run_id: str, status: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(run_table.update().where(run_table.c.run_id == run_id)
+                         .values(status=status))
 
     def finish_run(self, run_id: str, status: str, summary: Mapping[str, Any]) -> None:
         with self.engine.begin() as conn:
@@ -212,7 +239,8 @@ class Ledger:
             return int(conn.execute(query).scalar() or 0)
 
     def carry_over(self, run_id: str, lineage: Iterable[str]) -> int:
-        """Copy rows of earlier runs in the lineage that this run did not execute itself.
+        """Copy rows of earlier runs in the lineage that this run did not execute itself,
+        except failures: those items are retried, not inherited.
 
         Re-execution from failure skips steps that succeeded before; copying their rows keeps
         each run's rows a complete picture of its partition.
@@ -227,30 +255,34 @@ class Ledger:
             select = sa.select(
                 *[t.c[c] for c in columns], sa.literal(run_id),
                 sa.func.coalesce(t.c.reused_from, t.c.run_id),
-            ).where(t.c.run_id == earlier, ~sa.exists(exists_in_run))
+            ).where(t.c.run_id == earlier, t.c.status != "failed", ~sa.exists(exists_in_run))
             stmt = t.insert().from_select([*columns, "run_id", "reused_from"], select)
             with self.engine.begin() as conn:
                 copied += conn.execute(stmt).rowcount or 0
         return copied
 
-    def unfinished(self, run_id: str, lineage: Sequence[str]) -> list[dict[str, Any]]:
-        """Items whose latest row in the lineage is `failed` and that this run has not run.
-
-        These are what a re-execution must retry even though the step holding them succeeded
-        (with on_error: continue a chunk's step succeeds while some of its items fail).
-        """
+    def item_states(self, run_id: str) -> dict[str, dict[str, str]]:
+        """item key -> {phase: status} for one run."""
         t = item_table.c
+        states: dict[str, dict[str, str]] = {}
+        query = sa.select(t.item_key, t.phase, t.status).where(t.run_id == run_id)
         with self.engine.connect() as conn:
-            seen = {(p, k) for p, k in conn.execute(
-                sa.select(t.phase, t.item_key).where(t.run_id == run_id))}
-            latest: dict[tuple[str, str], dict[str, Any]] = {}
-            for earlier in lineage:
-                query = sa.select(t.phase, t.item_key, t.seq, t.status, t.input).where(
-                    t.run_id == earlier, t.phase != SOURCE_PHASE)
-                for row in conn.execute(query).mappings():
-                    latest.setdefault((row["phase"], row["item_key"]), dict(row))
-        return [row for key, row in latest.items()
-                if row["status"] == "failed" and key not in seen]
+            for key, phase, status in conn.execute(query):
+                states.setdefault(key, {})[phase] = status
+        return states
+
+    def outputs(self, run_id: str, phase: str, keys: Sequence[str]) -> dict[str, Any]:
+        """item key -> stored output of a phase, for items that succeeded in it."""
+        t = item_table.c
+        found: dict[str, Any] = {}
+        for start in range(0, len(keys), 900):
+            query = sa.select(t.item_key, t.output).where(
+                t.run_id == run_id, t.phase == phase, t.status == "succeeded",
+                t.item_key.in_(keys[start:start + 900]))
+            with self.engine.connect() as conn:
+                for key, output in conn.execute(query):
+                    found[key] = json.loads(output) if output else {}
+        return found
 
     def recall(self, key: str) -> Any | None:
         """The effect journal (TaskContext.recall/remember): side effects done per item."""

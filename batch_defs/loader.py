@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -200,6 +201,33 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         target[last] = value
 
 
+FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
+              ".parquet": "parquet"}
+
+
+def source_for_file(source: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The spec's source pointed at another file; a file of another format (say, a dead-letter
+    .jsonl for a CSV batch) gets a source of that type with the same key and schema."""
+    file_type = FILE_TYPES.get(path.suffix.lower())
+    if file_type is None or file_type == source["type"]:
+        return {**source, "path": str(path)}
+    new: dict[str, Any] = {"type": file_type, "path": str(path)}
+    new.update({k: source[k] for k in ("key", "schema") if k in source})
+    if file_type == "jsonl" and _is_dead_letter(path):
+        new["field"] = "input"
+    return new
+
+
+def _is_dead_letter(path: Path) -> bool:
+    """A results file (`batch-defs results --format jsonl`): rows with item_key and input."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            first = json.loads(handle.readline() or "{}")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"item_key", "input"} <= first.keys()
+
+
 def with_overrides(spec: BatchSpec, data: str | Path | None = None,
                    sets: Sequence[str] = ()) -> BatchSpec:
     """The spec with --data (replaces source.path) and --set key=value overrides applied."""
@@ -207,7 +235,7 @@ def with_overrides(spec: BatchSpec, data: str | Path | None = None,
         return spec
     raw = spec.model_dump(by_alias=True, exclude_unset=True)
     if data:
-        raw["source"]["path"] = str(Path(data).expanduser().resolve())
+        raw["source"] = source_for_file(raw["source"], Path(data).expanduser().resolve())
     for assignment in sets:
         dotted, sep, value = assignment.partition("=")
         if not sep or not dotted.strip():

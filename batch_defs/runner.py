@@ -169,6 +169,7 @@ def run_items(items: Iterable[Item], runner: ItemRunner, slots: int, sink: Outco
     outcomes: queue.SimpleQueue[ItemOutcome | None] = queue.SimpleQueue()
     stop = runner.stop
     reasons: list[str] = []
+    crashes: list[BaseException] = []
 
     def slot() -> None:
         try:
@@ -177,7 +178,14 @@ def run_items(items: Iterable[Item], runner: ItemRunner, slots: int, sink: Outco
                     item = None if stop.is_set() else next(source, None)
                 if item is None:
                     return
-                outcome = runner.run(item)
+                try:
+                    outcome = runner.run(item)
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt, MemoryError...
+                    # Not an item failure: the step itself must fail (and may be retried by
+                    # Dagster); a slot must never vanish with its item unrecorded.
+                    crashes.append(exc)
+                    stop.set()
+                    return
                 reason = sink.judge(outcome)
                 if reason is not None:
                     reasons.append(reason)
@@ -205,4 +213,10 @@ def run_items(items: Iterable[Item], runner: ItemRunner, slots: int, sink: Outco
             pass
         if reason is None and (reason := sink.tick()) is not None:
             stop.set()
+    if crashes:
+        raise StepCrashError(f"a handler raised {describe(crashes[0])}") from crashes[0]
     return reason or (reasons[0] if reasons else None)
+
+
+class StepCrashError(RuntimeError):
+    """A handler raised something that is not an Exception; the step fails as a whole."""

@@ -42,6 +42,9 @@ class JsonlSourceSpec(_SourceBase):
     type: Literal["jsonl"]
     path: str
     encoding: str = "utf-8"
+    # Take each record from this field of the line: `input` reads the dead-letter files that
+    # `batch-defs results --format jsonl` writes.
+    field: str | None = None
 
 
 class ParquetSourceSpec(_SourceBase):
@@ -140,6 +143,9 @@ class OptionsSpec(StrictModel):
     max_concurrent_steps: int = Field(default=2, ge=1, le=64)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     max_items: int = Field(default=100_000, ge=1)
+    # Dagster RetryPolicy on phase steps, for a step that dies as a whole (lost worker, out
+    # of memory); the ledger makes a retried step skip the items it already finished.
+    step_retries: int = Field(default=0, ge=0, le=10)
 
     @field_validator("tolerated_failures")
     @classmethod

@@ -103,6 +103,7 @@ def run_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
                        for key, value in produced.items()}
     report["status"] = dagster_run.status.value if dagster_run else "UNKNOWN"
     report["job"] = dagster_run.job_name if dagster_run else None
+    report["state"] = dagster_run.tags.get("batch/state") if dagster_run else None
     if dagster_run and "partition" not in report:
         report["partition"] = dagster_run.tags.get("dagster/partition")
     report["step_failures"] = step_failures(instance, run_id)
@@ -141,7 +142,8 @@ def render_report(report: dict[str, Any]) -> Group:
     head.add_row("batch / partition", f"{report.get('batch') or report.get('job')} / "
                                       f"{report.get('partition', '-')}")
     color = "green" if report["status"] == "SUCCESS" else "red"
-    head.add_row("status", f"[{color}]{report['status']}[/{color}]")
+    state = f" ({report['state']})" if report.get("state") in ("paused", "canceled") else ""
+    head.add_row("status", f"[{color}]{report['status']}{state}[/{color}]")
     errors = _step_failure_table(report.get("step_failures", []))
     if "items" not in report:
         return Group(head, *errors)

@@ -76,3 +76,21 @@ def priced(item: dict[str, Any], ctx: Any) -> TaskResult:
 def skip_odd(item: dict[str, Any], ctx: Any) -> None:
     if int(item["id"]) % 2:
         ctx.skip("odd id")
+
+
+def counted(item: dict[str, Any], ctx: Any) -> TaskResult:
+    """Counts its calls per key in a real table, waits params.ms, costs params.cost."""
+    count_calls(ctx)
+    time.sleep(float(ctx.params.get("ms", 0)) / 1000)
+    return TaskResult(output={f"{ctx.phase}_done": True}, cost=float(ctx.params.get("cost", 0)))
+
+
+def crash_first_step(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Raises a non-item error (like a lost connection pool) the first time the step runs:
+    the whole step fails, and Dagster's RetryPolicy runs it again."""
+    count_calls(ctx)
+    marker = ctx.params["marker"]
+    if item["id"] == 3 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise SystemExit("worker lost")  # not an Exception: escapes the item's retries
+    return {"ok": True}

@@ -250,3 +250,24 @@ def test_fail_fast_with_invalid_items_runs_no_phase(batch_dir: Path,
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert failure.event_specific_data.error.message.startswith(
         "dagster._core.definitions.events.Failure: 1 invalid items (tolerated 0); first: row 2")
+
+
+def test_step_retry_policy_reruns_only_unfinished_items(batch_dir: Path,
+                                                        instance: dg.DagsterInstance,
+                                                        tmp_path: Path) -> None:
+    calls = tmp_path / "calls.db"
+    write_batch(batch_dir, {
+        "name": "sturdy", "source": inline_items(10),
+        "phases": [{"name": "work", "task": "python",
+                    "params": {"function": "tests.handlers:crash_first_step",
+                               "marker": str(tmp_path / "crashed"), "calls_db": str(calls)}}],
+        "options": {"concurrency": 1, "step_retries": 2},
+    })
+    result = run_batch(batch_dir, instance, "sturdy")
+    assert result.success
+    retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retries) == 1
+    with sqlite3.connect(calls) as conn:
+        per_key = dict(conn.execute("select key, count(*) from calls group by key"))
+    # Items 1 and 2 were recorded before the crash and are not run again; 3 ran twice.
+    assert per_key == {**{str(k): 1 for k in range(1, 11)}, "3": 2}

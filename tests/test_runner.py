@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from batch_defs.items import Item
-from batch_defs.runner import ItemOutcome, ItemRunner, is_retryable, run_items, to_output
+from batch_defs.runner import (
+    ItemOutcome,
+    ItemRunner,
+    StepCrashError,
+    is_retryable,
+    run_items,
+    to_output,
+)
 from batch_defs.spec import RetrySpec
 from batch_defs.tasks.base import RejectItem, SkipItem, TaskResult
 
@@ -177,3 +184,16 @@ def test_to_output_merges_or_replaces() -> None:
     assert to_output(item, {"b": 3}, "p", merge=False)[0] == {"b": 3}
     assert to_output(item, None, "p", merge=True)[0] == {"a": 1, "b": 2}
     assert to_output(item, 42, "score", merge=True)[0] == {"a": 1, "b": 2, "score": 42}
+
+
+def test_a_crashing_handler_fails_the_step_after_recording_the_rest() -> None:
+    def call(item: Item, attempt: int) -> None:
+        if item.seq == 5:
+            raise SystemExit("worker lost")
+        time.sleep(0.01)
+
+    sink = ListSink()
+    with pytest.raises(StepCrashError, match="a handler raised SystemExit: worker lost"):
+        run_items(items(50), runner(call), 3, sink)
+    assert 5 <= len(sink.outcomes) < 50  # items finished before the crash were handed over
+    assert all(o.status == "succeeded" for o in sink.outcomes)

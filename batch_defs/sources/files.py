@@ -114,6 +114,8 @@ def read_jsonl(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         except json.JSONDecodeError as exc:
             yield RawRecord(row, None, f"invalid JSON: {exc.msg}")
             continue
+        if spec.field and isinstance(data, dict):
+            data = data.get(spec.field)
         if isinstance(data, dict):
             yield RawRecord(row, data)
         else:
