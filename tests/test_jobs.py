@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -271,3 +272,23 @@ def test_step_retry_policy_reruns_only_unfinished_items(batch_dir: Path,
         per_key = dict(conn.execute("select key, count(*) from calls group by key"))
     # Items 1 and 2 were recorded before the crash and are not run again; 3 ran twice.
     assert per_key == {**{str(k): 1 for k in range(1, 11)}, "3": 2}
+
+
+def test_flaky_item_succeeds_on_third_attempt_in_the_ledger(batch_dir: Path,
+                                                            instance: dg.DagsterInstance) -> None:
+    write_batch(batch_dir, {
+        "name": "flaky", "source": inline_items(3),
+        "phases": [{"name": "call", "task": "python",
+                    "params": {"function": "tests.handlers:flaky", "failures": 2},
+                    "retry": {"max_attempts": 3, "backoff": "exponential", "delay_s": 0.05,
+                              "jitter": False, "retry_on": ["ConnectionError"]}}],
+    })
+    result = run_batch(batch_dir, instance, "flaky")
+    assert result.success
+    rows = ledger(instance).rows(result.run_id)
+    assert list(rows["attempts"]) == [3, 3, 3]
+    log = json.loads(rows["attempt_log"].iloc[0])
+    assert [(a["attempt"], a["wait_s"]) for a in log] == [(1, 0.05), (2, 0.1)]
+    assert log[0]["error"] == "ConnectionError: attempt 1 refused"
+    assert (rows["duration_s"] >= 0.15).all()
+    assert json.loads(rows["output"].iloc[0])["attempt_that_worked"] == 3
