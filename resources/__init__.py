@@ -1,5 +1,9 @@
-"""Dagster resources of the batch engine: where ledger and outputs live, per-run overrides."""
+"""Dagster resources of the batch engine and of the built-in task types."""
 
+from resources.http import HttpResource
+from resources.llm import LlmResource
+from resources.smtp import SmtpResource
 from resources.storage import BatchStorageResource, RunOverridesResource
 
-__all__ = ["BatchStorageResource", "RunOverridesResource"]
+__all__ = ["BatchStorageResource", "HttpResource", "LlmResource", "RunOverridesResource",
+           "SmtpResource"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +44,28 @@ class RetryableStatusError(Exception):
         self.response = response
 
 
-def retry_after_s(response: httpx.Response) -> float | None:
-    """Seconds the server asked us to wait (Retry-After in seconds), capped at a minute."""
-    header = response.headers.get("Retry-After", "").strip()
-    return min(float(header), 60.0) if header.isdigit() else None
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def _fetch(client: httpx.Client, spec: Any, url: str, params: dict[str, Any],
            page: int) -> httpx.Response:
     def wait(state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        asked = retry_after_s(exc.response) if isinstance(exc, RetryableStatusError) else None
+        asked = (retry_after_seconds(exc.response.headers.get("Retry-After"))
+                 if isinstance(exc, RetryableStatusError) else None)
         if asked is not None:
-            return asked
+            return min(asked, 60.0)
         return min(spec.backoff_s * 2 ** (state.attempt_number - 1), 30.0)
 
     @tenacity.retry(

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from batch_defs.spec import BatchSpec
-from batch_defs.tasks import python, report, template
+from batch_defs.tasks import email, embed, http, llm, python, report, template, validate
 from batch_defs.tasks.base import (
     AfterContext,
     AfterHandler,
@@ -23,10 +23,16 @@ from batch_defs.tasks.base import (
 TASK_TYPES: dict[str, TaskType] = {
     "python": TaskType(python.PythonParams, python.make_handler),
     "template": TaskType(template.TemplateParams, template.make_handler),
+    "email": TaskType(email.EmailParams, email.make_handler, resources=("smtp",)),
+    "http": TaskType(http.HttpParams, http.make_handler, resources=("http",)),
+    "llm": TaskType(llm.LlmParams, llm.make_handler, resources=("llm",)),
+    "embed": TaskType(embed.EmbedParams, embed.make_handler),
+    "validate": TaskType(validate.ValidateParams, validate.make_handler),
 }
 
 AFTER_TYPES: dict[str, AfterType] = {
     "report": AfterType(report.ReportParams, report.make_handler),
+    "export": AfterType(report.ExportParams, report.make_export_handler),
     "python": AfterType(python.PythonParams, python.make_after_handler),
 }
 

@@ -1,7 +1,8 @@
-"""`report` after-step: writes the run's per-item ledger rows as CSV, JSON, HTML or Markdown."""
+"""`report` and `export` after-steps: a run's ledger rows, or its items' final outputs, as files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,3 +48,47 @@ def make_handler(params: ReportParams, base_dir: Path) -> AfterHandler:
         return {f"report_{p.suffix[1:]}": str(p) for p in paths}
 
     return report
+
+
+class ExportParams(TaskParams):
+    formats: list[Format] = ["csv"]
+    output: str = "{partition}/export"  # file stem, relative to the batch's output folder
+    phase: str | None = None  # whose outputs; default: the batch's last phase
+
+
+def last_phase(summary: Any) -> str:
+    """The batch's last phase: the summary lists phases in order (after `_source`)."""
+    from batch_defs.ledger import SOURCE_PHASE
+
+    phases = [p for p in summary.get("per_phase", {}) if p != SOURCE_PHASE]
+    if not phases:
+        raise ValueError("the run summary names no phase: give the export step a `phase`")
+    return phases[-1]
+
+
+def final_outputs(rows: pd.DataFrame, phase: str) -> pd.DataFrame:
+    """One row per item that succeeded in `phase`: its key, then its output's fields
+    flattened into columns (nested objects as `a.b`)."""
+    done = rows[(rows["phase"] == phase) & (rows["status"] == "succeeded")]
+    outputs = [json.loads(text) if text else {} for text in done["output"]]
+    table = pd.json_normalize(outputs, sep=".") if outputs else pd.DataFrame()
+    keys = list(done["item_key"])
+    if "item_key" in table.columns:
+        table = table.drop(columns=["item_key"])
+    table.insert(0, "item_key", keys)
+    return table
+
+
+def make_export_handler(params: ExportParams, base_dir: Path) -> AfterHandler:
+    from batch_defs.tasks.template import confined_path
+
+    def export(rows: pd.DataFrame, ctx: AfterContext) -> dict[str, Any]:
+        table = final_outputs(rows, params.phase or last_phase(ctx.summary))
+        stem = confined_path(ctx.output_dir, params.output.format(partition=ctx.partition))
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        title = f"{ctx.batch} / {ctx.partition}: outputs"
+        paths = [write_table(table, stem, fmt, title) for fmt in params.formats]
+        return {"exported_items": len(table),
+                **{f"export_{p.suffix[1:]}": str(p) for p in paths}}
+
+    return export

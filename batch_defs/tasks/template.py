@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import model_validator
 
 from batch_defs.tasks.base import Handler, TaskContext, TaskParams
+from batch_defs.tasks.templating import render, template_env, template_vars
 
 
 class TemplateParams(TaskParams):
@@ -35,25 +35,21 @@ def confined_path(root: Path, relative: str) -> Path:
 
 
 def make_handler(params: TemplateParams, base_dir: Path) -> Handler:
-    env = SandboxedEnvironment(
-        loader=jinja2.FileSystemLoader(base_dir),
-        undefined=jinja2.StrictUndefined,
-        autoescape=jinja2.select_autoescape(["html", "htm", "xml"]),
-        keep_trailing_newline=True,
-    )
+    env = template_env(loader=jinja2.FileSystemLoader(base_dir),
+                       autoescape=jinja2.select_autoescape(["html", "htm", "xml"]),
+                       keep_trailing_newline=True)
     try:
         template = (env.get_template(params.template) if params.template
                     else env.from_string(params.source or ""))
     except jinja2.TemplateError as exc:
         raise ValueError(f"template {params.template or 'source'}: {exc}") from exc
 
-    def render(item: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-        text = template.render({**item, "item": item, "batch": ctx.batch,
-                                "partition": ctx.partition, "key": ctx.key})
+    def write(item: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        text = render(template, template_vars(item, ctx), params.template or "source")
         relative = params.output.format(partition=ctx.partition, key=ctx.key, phase=ctx.phase)
         path = confined_path(ctx.output_dir, relative)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         return {params.field or f"{ctx.phase}_path": str(path)}
 
-    return render
+    return write
