@@ -253,6 +253,7 @@ def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinitio
         handler = build_after_handler(spec_step.task, spec_step.params, loaded.base_dir)
         ctx = AfterContext(spec_step.params, step.spec.name, step.partition, step.run_id,
                            summary, loaded.base_dir, step.output_dir,
+                           [p.name for p in step.spec.phases],
                            log=logging.getLogger(f"batch_defs.{name}"))
         produced = handler(step.ledger.rows(step.run_id), ctx) or {}
         return {**summary, "after": {**summary.get("after", {}), name: dict(produced)}}

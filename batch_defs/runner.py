@@ -82,10 +82,12 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None) -> Any:
 
 
 def is_retryable(exc: BaseException, retry_on: list[str | int]) -> bool:
+    """Listed in retry_on; with no list, anything that does not call itself permanent
+    (an exception with `transient = False`, e.g. an HTTP 404)."""
     if isinstance(exc, SkipItem | RejectItem):
         return False
     if not retry_on:
-        return True
+        return getattr(exc, "transient", True) is not False
     names = {cls.__name__ for cls in type(exc).__mro__}
     response = getattr(exc, "response", None)
     status = getattr(exc, "status_code", None) or getattr(response, "status_code", None)
@@ -148,17 +150,22 @@ class ItemRunner:
             except Exception as exc:
                 last = (attempt >= self.retry.max_attempts
                         or not is_retryable(exc, self.retry.retry_on))
-                wait_s = 0.0 if last else self._backoff(attempt)
+                wait_s = 0.0 if last else self._backoff(attempt, exc)
                 log.append({"attempt": attempt, "error": describe(exc), "wait_s": round(wait_s, 3)})
                 # A stop (fail-fast elsewhere, pause) ends the backoff early: no new attempt.
                 if last or self.stop.wait(wait_s):
                     return ItemOutcome(item, "failed", attempt, started, time.time(),
                                        error=describe(exc), attempt_log=log)
 
-    def _backoff(self, attempt: int) -> float:
+    def _backoff(self, attempt: int, exc: BaseException) -> float:
+        """The backoff, or longer if the server said when to come back (Retry-After)."""
         state = tenacity.RetryCallState(self._retrying, None, (), {})
         state.attempt_number = attempt
-        return float(self.wait(state)) if self.retry.delay_s else 0.0
+        wait = float(self.wait(state)) if self.retry.delay_s else 0.0
+        asked = getattr(exc, "retry_after_s", None)
+        if isinstance(asked, int | float):
+            wait = max(wait, min(float(asked), self.retry.max_delay_s))
+        return wait
 
 
 def run_items(items: Iterable[Item], runner: ItemRunner, slots: int, sink: OutcomeSink,

@@ -197,3 +197,25 @@ def test_a_crashing_handler_fails_the_step_after_recording_the_rest() -> None:
         run_items(items(50), runner(call), 3, sink)
     assert 5 <= len(sink.outcomes) < 50  # items finished before the crash were handed over
     assert all(o.status == "succeeded" for o in sink.outcomes)
+
+
+def test_retry_after_and_permanent_errors() -> None:
+    class ThrottledError(Exception):
+        retry_after_s = 0.3
+
+    class NotFoundError(Exception):
+        transient = False
+
+    def call(item: Item, attempt: int) -> dict:
+        if item.seq == 1:
+            raise NotFoundError("404")
+        if attempt == 1:
+            raise ThrottledError("429")
+        return {}
+
+    sink = ListSink()
+    retry = RetrySpec(max_attempts=3, delay_s=0.01, jitter=False)
+    run_items(items(2), runner(call, retry), 2, sink)
+    throttled, missing = sorted(sink.outcomes, key=lambda o: o.item.seq)
+    assert throttled.status == "succeeded" and throttled.attempt_log[0]["wait_s"] == 0.3
+    assert (missing.status, missing.attempts) == ("failed", 1)  # permanent: not retried

@@ -62,8 +62,7 @@ def test_export_writes_final_outputs_of_succeeded_items(batch_dir: Path,
 def test_export_of_an_empty_run_and_a_missing_phase(tmp_path: Path) -> None:
     rows = pd.DataFrame(columns=["item_key", "phase", "status", "output"])
     handler = build_after_handler("export", {"formats": ["csv"]}, tmp_path)
-    ctx = AfterContext({}, "b", "p1", "r", {"per_phase": {"_source": {}, "score": {}}},
-                       tmp_path, tmp_path / "out")
+    ctx = AfterContext({}, "b", "p1", "r", {}, tmp_path, tmp_path / "out", phases=["score"])
     produced = handler(rows, ctx)
     assert produced is not None and produced["exported_items"] == 0
     assert Path(produced["export_csv"]).read_text().strip() == "item_key"

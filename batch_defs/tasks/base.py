@@ -111,6 +111,7 @@ class AfterContext:
     summary: Mapping[str, Any]
     base_dir: Path
     output_dir: Path
+    phases: list[str] = field(default_factory=list)  # the batch's phases, in order
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("batch_defs.after"))
 
 

@@ -56,16 +56,6 @@ class ExportParams(TaskParams):
     phase: str | None = None  # whose outputs; default: the batch's last phase
 
 
-def last_phase(summary: Any) -> str:
-    """The batch's last phase: the summary lists phases in order (after `_source`)."""
-    from batch_defs.ledger import SOURCE_PHASE
-
-    phases = [p for p in summary.get("per_phase", {}) if p != SOURCE_PHASE]
-    if not phases:
-        raise ValueError("the run summary names no phase: give the export step a `phase`")
-    return phases[-1]
-
-
 def final_outputs(rows: pd.DataFrame, phase: str) -> pd.DataFrame:
     """One row per item that succeeded in `phase`: its key, then its output's fields
     flattened into columns (nested objects as `a.b`)."""
@@ -83,7 +73,9 @@ def make_export_handler(params: ExportParams, base_dir: Path) -> AfterHandler:
     from batch_defs.tasks.template import confined_path
 
     def export(rows: pd.DataFrame, ctx: AfterContext) -> dict[str, Any]:
-        table = final_outputs(rows, params.phase or last_phase(ctx.summary))
+        if not (params.phase or ctx.phases):
+            raise ValueError("no phase to export: give the export step a `phase`")
+        table = final_outputs(rows, params.phase or ctx.phases[-1])
         stem = confined_path(ctx.output_dir, params.output.format(partition=ctx.partition))
         stem.parent.mkdir(parents=True, exist_ok=True)
         title = f"{ctx.batch} / {ctx.partition}: outputs"
