@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(BIN)/batch-defs: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,embed]'
+	$(BIN)/pip install --quiet -e '.[dev,embed,celery]'
 	touch $@
 
 install: $(BIN)/batch-defs
@@ -25,6 +25,7 @@ demo: install
 
 test: home
 	bash scripts/ensure-postgres.sh
+	bash scripts/ensure-chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy batch_defs assets resources sensors
 	$(BIN)/dagster definitions validate -w workspace.yaml

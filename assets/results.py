@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from batch_defs.report import charts_markdown
 from batch_defs.spec import BatchSpec
 
 TABLE_ROWS = 100  # items shown in the asset's metadata; the ledger has them all
@@ -24,7 +25,7 @@ def item_table(rows: pd.DataFrame, limit: int = TABLE_ROWS) -> dg.TableMetadataV
     records = [
         dg.TableRecord({
             "item_key": str(r.item_key), "phase": str(r.phase), "status": str(r.status),
-            "attempts": int(r.attempts), "duration_s": float(r.duration_s or 0.0),
+            "attempts": int(r.attempts), "duration_s": round(float(r.duration_s or 0.0), 4),
             "cost": float(r.cost or 0.0), "error": str(r.error or ""),
         })
         for r in shown.itertuples()
@@ -32,15 +33,21 @@ def item_table(rows: pd.DataFrame, limit: int = TABLE_ROWS) -> dg.TableMetadataV
     return dg.MetadataValue.table(records, schema)
 
 
-def results_metadata(summary: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
+def results_metadata(summary: dict[str, Any], rows: pd.DataFrame,
+                     started_at: float | None = None) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         key: summary[key] for key in ("items", "succeeded", "failed_items", "invalid", "skipped",
                                       "reused", "duration_s", "items_per_s", "cost", "tokens")
     }
     metadata["per_phase"] = dg.MetadataValue.json(summary["per_phase"])
     metadata["items_table"] = item_table(rows)
+    # Data-URI images in markdown: the asset page shows them without a file server.
+    metadata["charts"] = dg.MetadataValue.md(charts_markdown(rows, started_at))
     metadata["full_results"] = dg.MetadataValue.text(
         f"batch-defs results {summary['run_id']} --format csv")
+    metadata["report"] = dg.MetadataValue.text(
+        f"batch-defs report {summary['run_id']} --format html --out "
+        f"report-{summary['run_id'][:8]}.html")
     for step, produced in summary.get("after", {}).items():
         for key, value in produced.items():
             metadata[f"{step}.{key}"] = value
@@ -54,7 +61,9 @@ def build_results_op(spec: BatchSpec) -> dg.OpDefinition:
         ledger = context.resources.batch_storage.ledger(context.instance)
         ledger.finish_run(context.run_id, "succeeded", summary)  # now with the after steps'
         rows = ledger.rows(context.run_id)
-        return dg.Output(summary, metadata=results_metadata(summary, rows))
+        run = ledger.run(context.run_id)
+        return dg.Output(summary, metadata=results_metadata(
+            summary, rows, run["started_at"] if run else None))
 
     return results
 

@@ -10,6 +10,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,6 +22,7 @@ from rich.table import Table
 
 from batch_defs.loader import SpecError, batch_files, find_batch, load_batch, with_overrides
 
+DEFINITIONS = "batch_defs.definitions"
 console = Console(stderr=True)
 out = Console()
 
@@ -122,8 +125,10 @@ def check_source(loaded: Any, data: str | None, sets: tuple[str, ...]) -> int:
 
 
 @main.command("list")
+@click.option("--partitions", "per_partition", is_flag=True,
+              help="One line per partition with its latest run and status.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_batches(as_json: bool) -> None:
+def list_batches(per_partition: bool, as_json: bool) -> None:
     """The batches, their partitions and the status of their last run."""
     import dagster as dg
 
@@ -142,8 +147,13 @@ def list_batches(as_json: bool) -> None:
             "last_status": last.status.value if last else None,
             "last_partition": last.tags.get("dagster/partition") if last else None,
         })
+        if per_partition:
+            rows[-1]["partition_runs"] = partition_runs(inst, name, partitions)
     if as_json:
         out.print_json(json.dumps(rows))
+        return
+    if per_partition:
+        out.print(partition_table(rows))
         return
     table = Table("batch", "phases", "partitions", "last run", "status")
     for row in rows:
@@ -153,6 +163,38 @@ def list_batches(as_json: bool) -> None:
                       f"{len(row['partitions'])}: {partitions}" if row["partitions"] else "-",
                       (row["last_run_id"] or "-")[:8], row["last_status"] or "-")
     out.print(table)
+
+
+def partition_runs(inst: Any, name: str, partitions: list[str]) -> list[dict[str, Any]]:
+    """Each partition (newest first) with its latest run, from one query over the job's runs."""
+    import dagster as dg
+
+    latest = {data.partition: data for data in
+              inst.get_run_partition_data(dg.RunsFilter(job_name=name))}
+    found = []
+    for key in reversed(partitions):
+        data = latest.get(key)
+        found.append({
+            "partition": key, "run_id": data.run_id if data else None,
+            "status": data.status.value if data else None,
+            "started_at": data.start_time if data else None,
+            "finished_at": data.end_time if data else None,
+        })
+    return found
+
+
+def partition_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("batch", "partition", "latest run", "status", "started", "duration")
+    for row in rows:
+        for entry in row["partition_runs"] or [{"partition": "-", "run_id": None,
+                                                 "status": None, "started_at": None}]:
+            started, ended = entry["started_at"], entry.get("finished_at")
+            table.add_row(
+                row["name"], entry["partition"], (entry["run_id"] or "-")[:8],
+                entry["status"] or "never run",
+                datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S") if started else "-",
+                f"{ended - started:.1f}s" if started and ended else "-")
+    return table
 
 
 def _run_config(data: str | None, sets: tuple[str, ...], verbose: bool) -> dict[str, Any]:
@@ -168,27 +210,44 @@ def _run_config(data: str | None, sets: tuple[str, ...], verbose: bool) -> dict[
     return config
 
 
-@main.command()
-@click.argument("name")
-@click.option("--partition", help="Partition key (default: from --data's file name, or time).")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False),
-              help="File replacing the spec's source.path for this run.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a spec field for this run, e.g. options.concurrency=4.")
-@click.option("--verbose", is_flag=True, help="Show Dagster's step logs too.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def run(name: str, partition: str | None, data: str | None, sets: tuple[str, ...],
-        verbose: bool, as_json: bool) -> None:
-    """Run batch NAME in this process against the instance in DAGSTER_HOME."""
+def launch_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The arguments `run` and `submit` share: which batch, which partition, what changes."""
+    for option in reversed([
+        click.argument("name"),
+        click.option("--partition",
+                     help="Partition key (default: from --data's file name, or time)."),
+        click.option("--data", type=click.Path(exists=True, dir_okay=False),
+                     help="File replacing the spec's source.path for this run."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override a spec field for this run, e.g. options.concurrency=4."),
+    ]):
+        command = option(command)
+    return command
+
+
+def prepare_launch(name: str, partition: str | None, data: str | None,
+                   sets: tuple[str, ...]) -> tuple[Any, str]:
+    """Check the batch and its overrides before anything starts; add the partition."""
     try:
         loaded = find_batch(name)
-        with_overrides(loaded.spec, data, sets)  # report bad overrides before launching
+        with_overrides(loaded.spec, data, sets)
     except SpecError as exc:
         fail(str(exc))
     inst = instance()
     key = partition or partition_key(data)
     if not inst.has_dynamic_partition(name, key):
         inst.add_dynamic_partitions(name, [key])
+    return inst, key
+
+
+@main.command()
+@launch_options
+@click.option("--verbose", is_flag=True, help="Show Dagster's step logs too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def run(name: str, partition: str | None, data: str | None, sets: tuple[str, ...],
+        verbose: bool, as_json: bool) -> None:
+    """Run batch NAME in this process against the instance in DAGSTER_HOME."""
+    inst, key = prepare_launch(name, partition, data, sets)
     execute(inst, name, key, _run_config(data, sets, verbose), {}, None, as_json)
 
 
@@ -200,7 +259,7 @@ def execute(inst: Any, name: str, key: str, run_config: dict[str, Any], tags: di
 
     from batch_defs.watch import watch_run
 
-    job = build_reconstructable_job("batch_defs.definitions", "get_job",
+    job = build_reconstructable_job(DEFINITIONS, "get_job",
                                     reconstructable_args=(name,))
     launched = time.time()
     done = threading.Event()
@@ -221,6 +280,48 @@ def execute(inst: Any, name: str, key: str, run_config: dict[str, Any], tags: di
             watcher.join()
     print_summary(inst, result.run_id, as_json)
     sys.exit(0 if result.success else 1)
+
+
+@main.command()
+@launch_options
+@click.option("--watch", is_flag=True, help="Show live progress until the run ends.")
+def submit(name: str, partition: str | None, data: str | None, sets: tuple[str, ...],
+           watch: bool) -> None:
+    """Queue batch NAME through the run coordinator (the daemon launches it) and print the
+    run id. Run limits in dagster.yaml (concurrency: runs:) apply."""
+    from dagster._cli.job import execute_launch_command
+    from dagster_shared.cli import WorkspaceOpts
+
+    inst, key = prepare_launch(name, partition, data, sets)
+    config = _run_config(data, sets, verbose=True)
+    tags = {"dagster/partition": key, "batch/launched_by": "cli-submit"}
+    # The same code location name as workspace.yaml's, so the daemon can launch the run.
+    with stdout_to_stderr():
+        run = execute_launch_command(instance=inst,
+                                     workspace_opts=WorkspaceOpts(module_name=(DEFINITIONS,)),
+                                     config_json=json.dumps(config), tags=json.dumps(tags),
+                                     job_name=name)
+    out.print(run.run_id, highlight=False)
+    if watch:
+        from batch_defs.watch import follow_run
+
+        follow_run(inst, ledger_for(inst), run.run_id, console)
+        print_summary(inst, run.run_id, False)
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr meanwhile, so the code server Dagster starts (and
+    that outlives this block) logs there and stdout stays just the run id for scripts."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def print_summary(inst: Any, run_id: str, as_json: bool) -> None:
@@ -420,6 +521,24 @@ def results(run_id: str, fmt: str, status_filter: str | None, phase: str | None,
                           f"{r.duration_s:.3f}s" if r.duration_s == r.duration_s and
                           r.duration_s is not None else "-", str(r.error or ""))
         out.print(table)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(["html", "md", "csv", "json"]),
+              default="html", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this file (md: charts as PNG files beside it); default: stdout.")
+def report(run_id: str, fmt: str, out_path: Path | None) -> None:
+    """A run's report: summary, per-phase analytics, slowest and failed items, charts."""
+    from batch_defs.report import build_report, render, write_report
+
+    inst = instance()
+    data = build_report(inst, ledger_for(inst), resolve_run_id(inst, run_id))
+    if out_path is None:
+        click.echo(render(data, fmt), nl=False)
+        return
+    console.print(f"wrote {write_report(data, fmt, out_path)}", highlight=False)
 
 
 def _decode(column: str, value: Any) -> Any:

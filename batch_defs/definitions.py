@@ -11,22 +11,35 @@ from batch_defs.factory import build_batch
 from batch_defs.loader import load_batches
 from resources import (
     BatchStorageResource,
+    DatabaseResource,
     HttpResource,
     LlmResource,
     RunOverridesResource,
     SmtpResource,
 )
+from sensors.inbox import build_inbox_sensor
+from sensors.run_end import build_run_end_sensors
+from sensors.schedules import build_schedule
 
 
 def build_definitions(paths: Iterable[Path] | None = None) -> dg.Definitions:
-    assets, jobs = [], []
-    for loaded in load_batches(paths).values():
+    batches = load_batches(paths)
+    assets, jobs, sensors, schedules = [], [], [], []
+    for loaded in batches.values():
         asset, job = build_batch(loaded)
         assets.append(asset)
         jobs.append(job)
+        if loaded.spec.sensor:
+            sensors.append(build_inbox_sensor(loaded, job))
+        if loaded.spec.schedule:
+            schedules.append(build_schedule(loaded, job))
+    if jobs:
+        sensors.extend(build_run_end_sensors(batches, jobs))
     return dg.Definitions(
         assets=assets,
         jobs=jobs,
+        sensors=sensors,
+        schedules=schedules,
         resources={
             "batch_storage": BatchStorageResource(),
             "run_overrides": RunOverridesResource(),
@@ -35,6 +48,7 @@ def build_definitions(paths: Iterable[Path] | None = None) -> dg.Definitions:
             "smtp": SmtpResource(),
             "http": HttpResource(),
             "llm": LlmResource(),
+            "database": DatabaseResource(),
             # Outputs on disk, not in memory: re-execution from failure reloads chunks.
             "io_manager": dg.FilesystemIOManager(),
         },

@@ -3,6 +3,7 @@
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from functools import lru_cache
@@ -15,11 +16,11 @@ from dagster._core.definitions.unresolved_asset_job_definition import (
 )
 
 from batch_defs.execution import PhaseRun, complete_run, execute_chunk, spool_source
-from batch_defs.items import Chunk, chunk_size, read_spool
+from batch_defs.items import Chunk, DependencyError, chunk_size, dependency_chunk, read_spool
 from batch_defs.ledger import Ledger, stop_kind
 from batch_defs.loader import LoadedBatch
 from batch_defs.progress import ProgressWindow
-from batch_defs.sources import SourceError
+from batch_defs.sources import SourceError, expand_env
 from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.summary import summarize_run
 from batch_defs.tasks import Handler, build_handler, task_resources
@@ -84,7 +85,13 @@ class BatchStep:
         raise dg.Failure(f"{where}{reason}", allow_retries=False)
 
     def publish_progress(self, force: bool = False) -> None:
-        """Progress as run tags (the Dagster run list shows them) and a log line, throttled."""
+        """Progress as run tags (the Dagster run list shows them) and a log line, throttled.
+
+        BATCH_DEFS_PROGRESS=0 in the run's environment turns it off (bench/progress_overhead.py
+        measures what it costs); read on each call, so a running code server needs no restart.
+        """
+        if os.environ.get("BATCH_DEFS_PROGRESS", "1").strip().lower() in ("0", "false", "off"):
+            return
         last, window = _progress.setdefault(self.run_id, (0.0, ProgressWindow()))
         now = time.monotonic()
         if not force and now - last < PROGRESS_EVERY_S:
@@ -132,6 +139,19 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
         if not total:
             what = f"no valid items ({invalid} invalid)" if invalid else "no items"
             raise dg.Failure(f"source {spec.source.type} has {what}", allow_retries=False)
+        if read.dependencies:
+            # One step per phase, so the slot runner can hold each item back until the items
+            # it depends on have succeeded; a cycle fails here, before any phase runs.
+            try:
+                ordered = dependency_chunk(read.spool, spec.options.depends_on_field, invalid)
+            except DependencyError as exc:
+                raise dg.Failure(f"{spec.options.depends_on_field}: {exc}",
+                                 allow_retries=False) from exc
+            context.log.info(f"{total} items with dependencies, in one chunk in dependency "
+                             "order")
+            context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
+            yield dg.DynamicOutput(ordered, mapping_key=ordered.mapping_key)
+            return
         size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
         context.log.info(f"{total} items in chunks of up to {size}")
         context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
@@ -218,6 +238,12 @@ def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
     def collect(context: dg.OpExecutionContext, chunks: list[Chunk]) -> dict[str, Any]:
         step = BatchStep(loaded, context)
         lineage = run_lineage(context.instance, context.run)
+        if lineage and step.ledger.run(step.run_id) is None:
+            # A re-execution of collect alone (no phase step re-ran) has no run row yet.
+            parent = step.ledger.run(lineage[0])
+            step.ledger.start_run(step.run_id, step.spec.name, step.partition,
+                                  parent["total_items"] if parent else 0,
+                                  [p.name for p in step.spec.phases], lineage[0])
         copied = step.ledger.carry_over(step.run_id, lineage)
         if copied:
             context.log.info(f"{copied} ledger rows carried over from earlier runs")
@@ -262,6 +288,12 @@ def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinitio
 
 
 def build_executor(spec: BatchSpec) -> dg.ExecutorDefinition:
+    if spec.options.executor == "celery":
+        # Imported only here: the celery extra is needed by batches that scale out.
+        from dagster_celery import celery_executor
+
+        return celery_executor.configured({"broker": expand_env(spec.options.celery.broker),
+                                           "backend": expand_env(spec.options.celery.backend)})
     if spec.options.executor == "multiprocess":
         return dg.multiprocess_executor.configured(
             {"max_concurrent": spec.options.max_concurrent_steps})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +123,10 @@ class ItemSpool:
         self._file.write("\n")
         self.count += 1
 
+    def items(self) -> Iterator[Item]:
+        self._file.close()
+        return read_spool(self.path)
+
     def chunks(self, size: int, invalid: int = 0) -> Iterator[Chunk]:
         self._file.close()
         batch: list[Item] = []
@@ -143,8 +149,85 @@ def read_spool(path: Path) -> Iterator[Item]:
 
 def chunk_size(total: int, slots: int, configured: str | int) -> int:
     """Auto: at most 50 steps per phase, so the UI and event log stay light, and at least 25
-    items per slot: each step costs ~50 ms and its slots drain at its end, so fewer, fuller
-    chunks run closer to the ideal (bench/throughput.py)."""
+    items per slot and 100 per step: each step costs ~50 ms and its slots drain at its end,
+    so fewer, fuller chunks run closer to the ideal (bench/throughput.py, bench/scale.py)."""
     if configured != "auto":
         return int(configured)
-    return max(1, min(total, max(slots * 25, math.ceil(total / 50))))
+    return max(1, min(total, max(slots * 25, MIN_AUTO_CHUNK, math.ceil(total / 50))))
+
+
+MIN_AUTO_CHUNK = 100
+
+
+class DependencyError(ValueError):
+    """Items' depends_on cannot be satisfied: an unknown key or a cycle."""
+
+
+def item_dependencies(data: dict[str, Any], field: str | None) -> list[str]:
+    """The keys an item depends on: a list, or text separated by commas or spaces."""
+    value = data.get(field) if field else None
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [part for part in re.split(r"[,\s]+", value) if part]
+    if isinstance(value, list | tuple):
+        return [str(part) for part in value]
+    raise DependencyError(f"{field} must be a list of item keys or text separated by commas, "
+                          f"not {type(value).__name__}")
+
+
+def dependency_map(items: Iterable[Item], field: str | None) -> dict[str, list[str]]:
+    """item key -> keys it depends on; empty when no item declares any."""
+    depends = {item.key: item_dependencies(item.data, field) for item in items}
+    return depends if any(depends.values()) else {}
+
+
+def dependency_order(items: list[Item], field: str | None) -> list[Item]:
+    """The items with every dependency before its dependants (among items that are ready,
+    source order). Raises DependencyError naming an unknown key or the keys of a cycle."""
+    by_key = {item.key: item for item in items}
+    depends = {item.key: set(item_dependencies(item.data, field)) for item in items}
+    for item in items:
+        unknown = sorted(depends[item.key] - by_key.keys())
+        if unknown:
+            raise DependencyError(f"item {item.key!r} depends on {unknown[0]!r}, which is not "
+                                  "a valid item of the batch")
+    waiting = {key: len(deps) for key, deps in depends.items()}
+    dependants: dict[str, list[str]] = {}
+    for key, deps in depends.items():
+        for dep in deps:
+            dependants.setdefault(dep, []).append(key)
+    ready = [(item.seq, item.key) for item in items if not waiting[item.key]]
+    heapq.heapify(ready)
+    ordered: list[Item] = []
+    while ready:
+        _, key = heapq.heappop(ready)
+        ordered.append(by_key[key])
+        for dependant in dependants.get(key, []):
+            waiting[dependant] -= 1
+            if not waiting[dependant]:
+                heapq.heappush(ready, (by_key[dependant].seq, dependant))
+    if len(ordered) < len(items):
+        cycle = " -> ".join(find_cycle(depends, waiting))
+        raise DependencyError(f"dependency cycle: {cycle} (each depends on the next)")
+    return ordered
+
+
+def find_cycle(depends: dict[str, set[str]], waiting: dict[str, int]) -> list[str]:
+    """One cycle among the items left waiting (each waits for another that waits)."""
+    stuck = {key for key, count in waiting.items() if count}
+    path: list[str] = []
+    seen: dict[str, int] = {}
+    key = min(stuck)
+    while key not in seen:
+        seen[key] = len(path)
+        path.append(key)
+        key = min(dep for dep in depends[key] if dep in stuck)
+    return [repr(k) for k in [*path[seen[key]:], key]]
+
+
+def dependency_chunk(spool: ItemSpool, field: str | None, invalid: int = 0) -> Chunk:
+    """All items in one chunk, in dependency order: the slot runner can only hold an item
+    back until its dependencies are done if they are in the same step."""
+    items = list(spool.items())
+    return Chunk(0, dependency_order(items, field), spool.count, invalid)

@@ -48,6 +48,7 @@ item_table = sa.Table(
     sa.Column("cost", sa.Float, nullable=False, default=0.0),
     sa.Column("tokens", sa.Integer, nullable=False, default=0),
     sa.Column("reused_from", sa.String(64)),  # run whose result this row carries over
+    sa.Column("worker", sa.String(128)),  # host:pid of the process that ran the item
     sa.UniqueConstraint("run_id", "phase", "item_key", name="uq_batch_item_run_phase_key"),
     sa.Index("ix_batch_item_partition", "batch", "partition", "phase", "item_key"),
     sa.Index("ix_batch_item_run_status", "run_id", "status"),

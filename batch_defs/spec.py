@@ -133,19 +133,30 @@ class BudgetSpec(StrictModel):
     max_tokens: int | None = Field(default=None, ge=0)
 
 
+class CelerySpec(StrictModel):
+    """Broker and result backend of the celery executor; workers must use the same."""
+
+    broker: str = "redis://127.0.0.1:6379/0"
+    backend: str = "redis://127.0.0.1:6379/1"
+
+
 class OptionsSpec(StrictModel):
     mode: Literal["parallel", "sequential"] = "parallel"
     concurrency: int = Field(default=10, ge=1, le=50)
     on_error: OnError = "fail_fast"
     tolerated_failures: int | str = 0
     chunk_size: Literal["auto"] | int = "auto"
-    executor: Literal["in_process", "multiprocess"] = "in_process"
+    executor: Literal["in_process", "multiprocess", "celery"] = "in_process"
+    celery: CelerySpec = Field(default_factory=lambda: CelerySpec())
     max_concurrent_steps: int = Field(default=2, ge=1, le=64)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     max_items: int = Field(default=100_000, ge=1)
     # Dagster RetryPolicy on phase steps, for a step that dies as a whole (lost worker, out
     # of memory); the ledger makes a retried step skip the items it already finished.
     step_retries: int = Field(default=0, ge=0, le=10)
+    # Item field listing the keys of items that must succeed first (a list, or text separated
+    # by commas); items then run in dependency order in one chunk. null: no dependencies.
+    depends_on_field: str | None = "depends_on"
 
     @field_validator("tolerated_failures")
     @classmethod
@@ -184,6 +195,26 @@ class AfterStepSpec(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class SensorSpec(StrictModel):
+    """Launch a run for each new file in a folder (one partition per file)."""
+
+    inbox: str  # folder, relative to the batch file's folder unless absolute
+    pattern: str = "*.csv"
+    interval_s: int = Field(default=30, ge=5)
+
+
+NotifyEvent = Literal["success", "failure", "paused", "canceled"]
+NOT_SUCCESS: tuple[NotifyEvent, ...] = ("failure", "paused", "canceled")
+
+
+class NotifySpec(StrictModel):
+    """Who hears about a run's end: email recipients (SMTP resource) and webhook URLs."""
+
+    on: list[NotifyEvent] = Field(default_factory=lambda: list(NOT_SUCCESS))
+    email: list[str] = Field(default_factory=list)
+    webhook: list[str] = Field(default_factory=list)  # ${env:NAME} allowed, read at send time
+
+
 class BatchSpec(StrictModel):
     name: Name
     description: str = ""
@@ -192,6 +223,19 @@ class BatchSpec(StrictModel):
     options: OptionsSpec = Field(default_factory=OptionsSpec)
     after: list[AfterStepSpec] = Field(default_factory=list)
     tags: dict[str, str] = Field(default_factory=dict)
+    sensor: SensorSpec | None = None
+    schedule: str | None = None  # cron, e.g. "0 6 * * 1-5"; partition key = scheduled time
+    schedule_timezone: str = "UTC"
+    notify: NotifySpec | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if value is not None and not is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a valid cron expression")
+        return value
 
     @field_validator("phases")
     @classmethod

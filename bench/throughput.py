@@ -16,7 +16,10 @@ import resource
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -106,18 +109,44 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_cases(cases: list[Case]) -> list[dict[str, Any]]:
+@contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A fresh database on the server of admin_url for one benchmark run, dropped after."""
+    import sqlalchemy as sa
+
+    name = f"batch_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'create database "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        from batch_defs.ledger import Ledger
+
+        for engine in Ledger._engines.values():
+            engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
+        admin.dispose()
+
+
+def run_cases(cases: list[Case], postgres: str | None = None) -> list[dict[str, Any]]:
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         home, folder = Path(tmp) / "home", Path(tmp) / "batches"
         home.mkdir()
         folder.mkdir()
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        config: dict[str, Any] = {"telemetry": {"enabled": False}}
+        if postgres:
+            url = stack.enter_context(postgres_database(postgres))
+            config["storage"] = {"postgres": {"postgres_url": url}}
+        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
         for case in cases:
             write_spec(folder, case)
             job = run_job(home, folder, case)
             pool_s = plain_pool(case)
-            row = {**asdict(case), "ideal_s": round(case.ideal_s, 2),
+            row = {**asdict(case), "instance": "postgres" if postgres else "sqlite",
+                   "ideal_s": round(case.ideal_s, 2),
                    "job_s": round(job["job_s"], 2), "pool_s": round(pool_s, 2),
                    "ratio": round(job["job_s"] / pool_s, 3),
                    "ledger_queries_per_100_items": job["ledger_queries_per_100_items"],
@@ -149,10 +178,13 @@ def main() -> None:
     parser.add_argument("--ms", type=float, default=100)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[10])
     parser.add_argument("--mode", choices=["parallel", "sequential"], default="parallel")
+    parser.add_argument("--postgres", metavar="ADMIN_URL",
+                        help="Run on a Postgres instance (a fresh database on this server), "
+                             "e.g. postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     cases = SUITES[args.suite] if args.suite else [
         Case(args.items, args.phases, args.ms, c, args.mode) for c in args.concurrency]
-    results = run_cases(cases)
+    results = run_cases(cases, args.postgres)
     print()
     header = (f"{'case':<34} {'ideal s':>8} {'job s':>8} {'pool s':>8} {'job/pool':>9} "
               f"{'q/100':>6} {'peak MB':>8}")

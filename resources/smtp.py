@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import smtplib
 import ssl
 from collections.abc import Iterator
@@ -16,8 +17,12 @@ class SmtpResource(dg.ConfigurableResource):
     never at import), e.g. `SmtpResource(host="smtp.example.com", port=587, starttls=True,
     username="batch", password=dg.EnvVar("SMTP_PASSWORD"))`."""
 
-    host: str = Field(default="localhost", description="SMTP server host")
-    port: int = Field(default=25, description="SMTP server port (587 with starttls)")
+    # Unset: SMTP_HOST / SMTP_PORT from the environment when a message is sent (so `batch-defs
+    # run` reaches a local test server without run config), else localhost:25.
+    host: str | None = Field(default=None, description="SMTP server host; empty: $SMTP_HOST "
+                             "at send time, else localhost")
+    port: int | None = Field(default=None, description="SMTP server port (587 with starttls); "
+                             "empty: $SMTP_PORT at send time, else 25")
     starttls: bool = Field(default=False, description="Upgrade the connection with STARTTLS")
     username: str | None = Field(default=None, description="Login user; none: no login")
     password: str | None = Field(default=None, description="Login password (use dg.EnvVar)")
@@ -28,7 +33,9 @@ class SmtpResource(dg.ConfigurableResource):
     @contextmanager
     def get_connection(self) -> Iterator[smtplib.SMTP]:
         """A connected (and logged-in) SMTP session, closed with QUIT afterwards."""
-        with smtplib.SMTP(self.host, self.port, timeout=self.timeout_s) as smtp:
+        host = self.host or os.environ.get("SMTP_HOST") or "localhost"
+        port = self.port or int(os.environ.get("SMTP_PORT") or 25)
+        with smtplib.SMTP(host, port, timeout=self.timeout_s) as smtp:
             if self.starttls:
                 smtp.starttls(context=ssl.create_default_context())
             if self.username:

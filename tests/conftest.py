@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -68,9 +69,9 @@ def run_batch(batch_dir: Path, instance: dg.DagsterInstance, name: str, partitio
                                   run_config=run_config or {}, raise_on_error=False)
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh Postgres database for this test session, dropped at the end."""
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new, empty Postgres database, dropped afterwards; yields its URL."""
     name = f"batch_defs_test_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -87,6 +88,13 @@ def pg_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh Postgres database for this test session."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -52,7 +52,8 @@ def test_max_items_is_enforced() -> None:
 
 
 @pytest.mark.parametrize(("total", "slots", "configured", "expected"), [
-    (1000, 10, "auto", 250), (100, 10, "auto", 100), (100, 1, "auto", 25),
+    (1000, 10, "auto", 250), (100, 10, "auto", 100), (100, 1, "auto", 100),
+    (1000, 1, "auto", 100),
     (50_000, 50, "auto", 1250), (200_000, 10, "auto", 4000), (5, 10, "auto", 5),
     (1000, 10, 7, 7),
 ])

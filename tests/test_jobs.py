@@ -185,7 +185,8 @@ def test_reexecution_from_failure_reuses_finished_items(batch_dir: Path,
     with pytest.MonkeyPatch.context() as mp, dg.DagsterInstance.get() as inst:
         mp.setenv("BATCH_DEFS_PATH", str(batch_dir))
         inst.add_dynamic_partitions("redo", ["p1"])
-        job = build_reconstructable_job("tests.jobs_module", "redo_job")
+        job = build_reconstructable_job("tests.jobs_module", "batch_job",
+                                        reconstructable_args=("redo",))
         first = dg.execute_job(job, instance=inst, tags={"dagster/partition": "p1"})
         assert not first.success
         fail_file.write_text("")
@@ -292,3 +293,35 @@ def test_flaky_item_succeeds_on_third_attempt_in_the_ledger(batch_dir: Path,
     assert log[0]["error"] == "ConnectionError: attempt 1 refused"
     assert (rows["duration_s"] >= 0.15).all()
     assert json.loads(rows["output"].iloc[0])["attempt_that_worked"] == 3
+
+
+def test_reexecuting_only_collect_still_has_a_complete_run(batch_dir: Path, dagster_home: Path,
+                                                           tmp_path: Path) -> None:
+    """continue + too many failures fails collect alone; re-executing it from failure runs
+    only collect, which must still create the run's ledger row and retry the failed items."""
+    from dagster._core.definitions.reconstruct import build_reconstructable_job
+
+    fail_file = tmp_path / "fail.txt"
+    fail_file.write_text("3 7")
+    spec = failing_spec("redo_tail", 20, [], "continue", 1, fail_file=str(fail_file))
+    write_batch(batch_dir, spec)
+    with pytest.MonkeyPatch.context() as mp, dg.DagsterInstance.get() as inst:
+        mp.setenv("BATCH_DEFS_PATH", str(batch_dir))
+        inst.add_dynamic_partitions("redo_tail", ["p1"])
+        job = build_reconstructable_job("tests.jobs_module", "batch_job",
+                                        reconstructable_args=("redo_tail",))
+        first = dg.execute_job(job, instance=inst, tags={"dagster/partition": "p1"})
+        assert not first.success
+        fail_file.write_text("")
+        second = dg.execute_job(job, instance=inst, tags={"dagster/partition": "p1"},
+                                reexecution_options=dg.ReexecutionOptions.from_failure(
+                                    first.run_id, inst))
+        assert second.success
+        executed = {e.step_key for e in second.all_events if e.event_type_value == "STEP_START"}
+        ledger_ = BatchStorageResource().ledger(inst)
+        run = ledger_.run(second.run_id)
+        rows = ledger_.rows(second.run_id)
+    assert executed == {"redo_tail_batch.collect", "redo_tail_batch.results"}
+    assert run is not None and run["total_items"] == 20 and run["status"] == "succeeded"
+    assert len(rows) == 20 and set(rows["status"]) == {"succeeded"}
+    assert sorted(rows[rows["reused_from"].isna()]["item_key"]) == ["3", "7"]

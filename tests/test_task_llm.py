@@ -77,7 +77,9 @@ def gate_short(item: dict[str, Any], ctx: Any) -> bool | str:
 
 @pytest.mark.integration
 def test_prompt_system_and_model_reach_the_server(tmp_path: Path,
-                                                  fake_llm: tuple[FakeChat, str]) -> None:
+                                                  fake_llm: tuple[FakeChat, str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # an unset key falls back to it
     chat, base_url = fake_llm
     handler = build_handler("llm", {"prompt": "Review {{ key }}: {{ text }}",
                                     "system": "You summarize {{ batch }}.",

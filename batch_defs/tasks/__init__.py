@@ -7,7 +7,18 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from batch_defs.spec import BatchSpec
-from batch_defs.tasks import email, embed, http, llm, python, report, template, validate
+from batch_defs.tasks import (
+    email,
+    embed,
+    http,
+    llm,
+    python,
+    report,
+    shell,
+    sql,
+    template,
+    validate,
+)
 from batch_defs.tasks.base import (
     AfterContext,
     AfterHandler,
@@ -28,12 +39,15 @@ TASK_TYPES: dict[str, TaskType] = {
     "llm": TaskType(llm.LlmParams, llm.make_handler, resources=("llm",)),
     "embed": TaskType(embed.EmbedParams, embed.make_handler),
     "validate": TaskType(validate.ValidateParams, validate.make_handler),
+    "sql": TaskType(sql.SqlParams, sql.make_handler, resources=("database",)),
+    "shell": TaskType(shell.ShellParams, shell.make_handler),
 }
 
 AFTER_TYPES: dict[str, AfterType] = {
     "report": AfterType(report.ReportParams, report.make_handler),
     "export": AfterType(report.ExportParams, report.make_export_handler),
     "python": AfterType(python.PythonParams, python.make_after_handler),
+    "sql_commit": AfterType(sql.SqlCommitParams, sql.make_commit_handler),
 }
 
 __all__ = ["AfterContext", "Handler", "RejectItem", "SkipItem", "TaskContext", "TaskResult",

@@ -85,8 +85,9 @@ def chat(resource: Any, messages: list[dict[str, str]], model: str, json_output:
         payload["max_tokens"] = max_tokens
     if json_output:
         payload["response_format"] = {"type": "json_object"}
-    headers = {"Authorization": f"Bearer {resource.api_key}"} if resource.api_key else {}
-    url = f"{resource.base_url.rstrip('/')}/chat/completions"
+    token = resource.bearer_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{resource.endpoint().rstrip('/')}/chat/completions"
     response = shared_client().post(url, json=payload, headers=headers,
                                     timeout=resource.timeout_s)
     check_status(response)

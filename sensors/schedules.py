@@ -1,0 +1,27 @@
+"""Schedules from `schedule:` cron strings: each tick is a partition named by its time."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from batch_defs.loader import LoadedBatch
+
+
+def build_schedule(loaded: LoadedBatch,
+                   job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+    spec = loaded.spec
+    assert spec.schedule is not None
+
+    @dg.schedule(name=f"{spec.name}_schedule", cron_schedule=spec.schedule, job=job,
+                 execution_timezone=spec.schedule_timezone,
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
+                 description=f"Launches {spec.name} at {spec.schedule} ({spec.schedule_timezone}).")
+    def schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        key = context.scheduled_execution_time.strftime("%Y-%m-%dT%H%M")
+        # Schedules cannot request dynamic partitions like sensors do; the instance can.
+        if not context.instance.has_dynamic_partition(spec.name, key):
+            context.instance.add_dynamic_partitions(spec.name, [key])
+        return dg.RunRequest(run_key=key, partition_key=key,
+                             tags={"batch/launched_by": "schedule"})
+
+    return schedule

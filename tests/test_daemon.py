@@ -1,0 +1,111 @@
+"""Runs queued through a real dagster-daemon on a Postgres instance respect the run limits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import PROJECT, fresh_pg_database, write_batch
+
+pytestmark = [pytest.mark.daemon, pytest.mark.postgres]
+BATCHES = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture
+def daemon_home(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+    batch_dir = tmp_path / "batches"
+    batch_dir.mkdir()
+    for name in BATCHES:
+        write_batch(batch_dir, {
+            "name": name,
+            "source": {"type": "inline", "key": "id",
+                       "items": [{"id": i} for i in range(1, 21)]},
+            "phases": [{"name": "work", "task": "python",
+                        "params": {"function": "tests.handlers:sleep_ms", "ms": 100}}],
+        })
+    home = tmp_path / "home"
+    home.mkdir()
+    with fresh_pg_database() as url:
+        (home / "dagster.yaml").write_text(yaml.safe_dump({
+            "telemetry": {"enabled": False},
+            "storage": {"postgres": {"postgres_url": url}},
+            "run_coordinator": {"module": "dagster._core.run_coordinator",
+                                "class": "QueuedRunCoordinator",
+                                "config": {"dequeue_interval_seconds": 1}},
+            "concurrency": {"runs": {
+                "max_concurrent_runs": 4,
+                "tag_concurrency_limits": [{"key": "batch/name", "limit": 1,
+                                            "value": {"applyLimitPerUniqueValue": True}}],
+            }},
+        }))
+        env = {**os.environ, "DAGSTER_HOME": str(home), "BATCH_DEFS_PATH": str(batch_dir),
+               "PYTHONPATH": str(PROJECT)}
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
+             str(PROJECT / "workspace.yaml")], cwd=PROJECT, env=env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=(tmp_path / "daemon.log").open("w"))
+        try:
+            yield home, env
+        finally:
+            # The daemon's code server runs in a session of its own: stop it by name.
+            children = psutil.Process(daemon.pid).children(recursive=True)
+            os.killpg(daemon.pid, signal.SIGTERM)
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.terminate()
+            try:
+                daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait()
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, change in edges:  # an end at the same instant as a start is counted first
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def test_twelve_submitted_runs_respect_run_limits(
+        daemon_home: tuple[Path, dict[str, str]]) -> None:
+    home, env = daemon_home
+    submits = [subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "submit",
+                                 BATCHES[i % 3], "--partition", f"p{i}"],
+                                env=env, cwd=PROJECT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(12)]
+    run_ids = []
+    for submit in submits:
+        out, err = submit.communicate(timeout=180)
+        assert submit.returncode == 0, err
+        run_ids.append(out.strip())  # stdout is the run id alone
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        deadline = time.monotonic() + 300
+        while True:
+            records = instance.get_run_records(dg.RunsFilter(run_ids=run_ids))
+            if len(records) == 12 and all(r.dagster_run.is_finished for r in records):
+                break
+            assert time.monotonic() < deadline, [r.dagster_run.status for r in records]
+            time.sleep(1)
+    assert {r.dagster_run.status for r in records} == {dg.DagsterRunStatus.SUCCESS}
+    intervals = {r.dagster_run.run_id: (r.start_time, r.end_time) for r in records}
+    assert all(start and end for start, end in intervals.values())
+    everything = list(intervals.values())
+    assert 2 <= max_overlap(everything) <= 4  # runs did overlap, never more than 4
+    for name in BATCHES:
+        mine = [intervals[r.dagster_run.run_id] for r in records
+                if r.dagster_run.job_name == name]
+        assert len(mine) == 4 and max_overlap(mine) == 1  # one run per batch at a time

@@ -1,0 +1,277 @@
+"""End to end in the Dagster UI: `dagster dev` on loopback, driven by headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import pytest
+import yaml
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from resources.storage import BatchStorageResource
+from tests.conftest import PROJECT, inline_items, write_batch
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's (scripts/ensure-chromium.sh); no browser download
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+ARTIFACTS = PROJECT / "tests" / "artifacts"
+LOCATION = "batch_defs.definitions"  # the code location's name, from workspace.yaml
+BATCH = "letters"
+RUN_TIMEOUT_MS = 90_000
+
+
+@dataclass
+class DagsterDev:
+    url: str
+    home: Path
+    fail_file: Path
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_home(home: Path) -> None:
+    """The project's instance settings (run queue limits), telemetry off."""
+    config = yaml.safe_load((PROJECT / "dagster.yaml").read_text())
+    config["telemetry"] = {"enabled": False}
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+
+
+def write_batches(folder: Path, fail_file: Path) -> None:
+    folder.mkdir()
+    write_batch(folder, {
+        "name": BATCH,
+        "description": "Letters for the browser test; fail_file lists items that fail.",
+        "source": inline_items(12),
+        "phases": [
+            {"name": "score", "task": "python",
+             "params": {"function": "tests.handlers:fail_listed", "fail_file": str(fail_file)}},
+            {"name": "publish", "task": "python",
+             "params": {"function": "tests.handlers:sleep_ms", "ms": 150}},
+        ],
+        "options": {"concurrency": 2, "chunk_size": 4, "on_error": "fail_fast"},
+    })
+
+
+def wait_for_webserver(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until /server_info answers and the code location has loaded without error."""
+    query = ("{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+             "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"dagster dev exited:\n{log.read_text()[-3000:]}"
+        try:
+            httpx.get(f"{url}/server_info", timeout=2).raise_for_status()
+            answer = httpx.post(f"{url}/graphql", json={"query": query}, timeout=5).json()
+            entries = answer["data"]["workspaceOrError"]["locationEntries"]
+            loaded = [e for e in entries if e["name"] == LOCATION and e["loadStatus"] == "LOADED"]
+            if loaded:
+                error = loaded[0]["locationOrLoadError"]
+                assert error["__typename"] == "RepositoryLocation", error.get("message")
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"webserver not ready:\n{log.read_text()[-3000:]}")
+
+
+def stop_group(process: subprocess.Popen[bytes], grace_s: float = 20) -> None:
+    """dagster dev, its webserver, daemon, code servers and run workers: one process group."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path) -> Iterator[DagsterDev]:
+    home, fail_file = tmp_path / "home", tmp_path / "fail_keys.txt"
+    write_home(home)
+    write_batches(tmp_path / "batches", fail_file)
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "BATCH_DEFS_PROGRESS"}
+    env.update({"DAGSTER_HOME": str(home), "BATCH_DEFS_PATH": str(tmp_path / "batches"),
+                "PYTHONPATH": str(PROJECT)})
+    log = tmp_path / "dagster_dev.log"
+    dagster = Path(sys.executable).parent / "dagster"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [str(dagster), "dev", "-w", "workspace.yaml", "-p", str(port), "-h", "127.0.0.1"],
+            cwd=PROJECT, env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_webserver(url, process, log)
+        yield DagsterDev(url, home, fail_file, log)
+    finally:
+        stop_group(process)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+# Resolves when every finite CSS animation or transition (a dialog fading in) has ended.
+SETTLED = """() => Promise.all(document.getAnimations()
+    .filter(a => a.effect && a.effect.getComputedTiming().endTime !== Infinity)
+    .map(a => a.finished.catch(() => null)))"""
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate(SETTLED)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def launch_partition(page: Page, server: DagsterDev, partition: str) -> str:
+    """From the job page: Materialize, add the partition in the dialog, launch; the run's
+    short id from the toast."""
+    page.goto(f"{server.url}/locations/{LOCATION}/jobs/{BATCH}")
+    page.get_by_role("button", name=re.compile("Materialize")).first.click()
+    dialog = page.get_by_role("dialog").filter(has_text=f"Launch runs to materialize {BATCH}")
+    dialog.get_by_text("Add a partition").click()
+    adding = page.get_by_role("dialog").filter(has_text=f"Add a partition for {BATCH}")
+    adding.get_by_role("textbox").fill(partition)
+    adding.get_by_role("button", name="Save").click()
+    launch = dialog.get_by_role("button", name="Launch 1 run")
+    expect(launch).to_be_enabled()
+    shot(page, f"launch-{partition}")
+    launch.click()
+    toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
+    expect(toast).to_be_visible()
+    match = re.search(r"Launched run ([0-9a-f]{8})", toast.inner_text())
+    assert match
+    return match.group(1)
+
+
+def open_run(page: Page, server: DagsterDev, short_id: str) -> None:
+    page.goto(f"{server.url}/runs")
+    page.get_by_role("link", name=short_id).first.click()
+    expect(page).to_have_url(re.compile(rf"/runs/{short_id}"))
+
+
+def run_status(page: Page) -> Locator:
+    """The status pill in the run page's header (Queued, Started, Success, Failure)."""
+    return page.get_by_text(
+        re.compile("^(Queued|Starting|Started|Success|Failure|Canceling|Canceled)$")).first
+
+
+def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: DagsterDev,
+                                                            browser: Browser) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(30_000)
+    # Dagster's first-visit community dialog covers the page; dismiss it whenever it shows.
+    page.add_locator_handler(page.get_by_text("Join the Dagster community"),
+                             lambda: page.get_by_role("button", name="Skip").click())
+
+    # The batch is a job; launching it adds a partition and materializes its results asset.
+    page.goto(f"{dagster_dev.url}/locations/{LOCATION}/jobs/{BATCH}")
+    expect(page.get_by_text(f"Asset: {BATCH}/results")).to_be_visible()
+    shot(page, "01-job")
+    first = launch_partition(page, dagster_dev, "2026-11")
+    open_run(page, dagster_dev, first)
+    expect(run_status(page)).to_have_text("Success", timeout=RUN_TIMEOUT_MS)
+    expect(page.get_by_text("partition: 2026-11").first).to_be_visible()
+    shot(page, "02-run-succeeded")
+
+    # Progress is a run tag: the run list shows it next to the partition.
+    page.goto(f"{dagster_dev.url}/runs")
+    expect(page.get_by_role("link", name=first)).to_be_visible()  # the only run so far
+    expect(page.get_by_text("batch/progress: 12/12 100%")).to_be_visible()
+    expect(page.get_by_text("batch/state: succeeded")).to_be_visible()
+    shot(page, "03-runs-progress-tag")
+
+    # The partitions: counted on the job's tab, listed with their status on the asset's.
+    page.goto(f"{dagster_dev.url}/locations/{LOCATION}/jobs/{BATCH}/partitions")
+    expect(page.get_by_text("Total partitions")).to_be_visible()
+    expect(page.get_by_text("Missing partitions")).to_be_visible()
+    page.goto(f"{dagster_dev.url}/assets/{BATCH}/results?view=partitions")
+    page.locator("span", has_text=re.compile("^2026-11$")).first.click()
+    expect(page.get_by_text("items_table")).to_be_visible()
+    expect(page.get_by_role("link", name=first)).to_be_visible()
+    shot(page, "04-partitions")
+
+    # The results asset: counts, the item table and the charts in its metadata.
+    page.goto(f"{dagster_dev.url}/assets/{BATCH}/results")
+    metadata = page.get_by_role("row")
+    expect(metadata.filter(has_text="succeeded").filter(has_text="12").first).to_be_visible()
+    expect(metadata.filter(has_text="items_table").first).to_be_visible()
+    expect(page.get_by_text("batch-defs report")).to_be_visible()
+    shot(page, "05-asset-metadata")
+    page.get_by_text("[Show Markdown]").first.click()
+    for name in ("throughput", "durations"):
+        chart = page.get_by_role("dialog").get_by_role("img", name=name)
+        expect(chart).to_be_visible()
+        width = chart.evaluate("image => image.complete && image.naturalWidth")
+        assert width and width > 300, f"the {name} chart did not render"
+    shot(page, "06-asset-charts")
+    page.get_by_role("button", name="Close").click()
+
+    # Item 5 fails; fail_fast fails its step and the run.
+    dagster_dev.fail_file.write_text("5\n")
+    failing = launch_partition(page, dagster_dev, "2026-12")
+    open_run(page, dagster_dev, failing)
+    expect(run_status(page)).to_have_text("Failure", timeout=RUN_TIMEOUT_MS)
+    expect(page.get_by_text(re.compile("fail_fast: item '5' failed")).first).to_be_visible()
+    shot(page, "07-run-failed")
+
+    # Fix the data, then Re-execute > From failure on the failed run's page.
+    dagster_dev.fail_file.write_text("")
+    page.get_by_role("button", name="Re-execute all (*)").locator(
+        "xpath=following-sibling::*[1]").click()
+    page.get_by_role("menuitem", name="From failure").click()
+    expect(page).not_to_have_url(re.compile(rf"/runs/{failing}"))
+    expect(run_status(page)).to_have_text("Success", timeout=RUN_TIMEOUT_MS)
+    shot(page, "08-reexecuted-succeeded")
+
+    with dg.DagsterInstance.from_config(str(dagster_dev.home)) as instance:
+        (failed,) = [r for r in instance.get_runs() if r.run_id.startswith(failing)]
+        (retry,) = [r for r in instance.get_runs() if r.parent_run_id == failed.run_id]
+        assert failed.status == dg.DagsterRunStatus.FAILURE
+        assert retry.status == dg.DagsterRunStatus.SUCCESS
+        assert retry.tags["dagster/partition"] == "2026-12"
+        assert page.url.endswith(retry.run_id)
+        ledger = BatchStorageResource().ledger(instance)
+        assert ledger.counts(retry.run_id)[("publish", "succeeded")] == 12
+        assert ledger.item_states(retry.run_id)["5"] == {"score": "succeeded",
+                                                         "publish": "succeeded"}
+        assert ledger.counts(failed.run_id)[("score", "failed")] == 1
+
+    # History: both partitions materialized, each with its latest run.
+    page.goto(f"{dagster_dev.url}/assets/{BATCH}/results?view=partitions")
+    expect(page.get_by_text("Materialized (2)")).to_be_visible()
+    page.locator("span", has_text=re.compile("^2026-12$")).first.click()
+    expect(page.get_by_role("link", name=retry.run_id[:8])).to_be_visible()
+    shot(page, "09-partitions-history")
