@@ -92,7 +92,9 @@ class BatchStep:
         """
         if os.environ.get("BATCH_DEFS_PROGRESS", "1").strip().lower() in ("0", "false", "off"):
             return
-        last, window = _progress.setdefault(self.run_id, (0.0, ProgressWindow()))
+        # The first publish comes PROGRESS_EVERY_S after a process starts on the run (or at
+        # the end): short runs cost no progress queries beyond the final one.
+        last, window = _progress.setdefault(self.run_id, (time.monotonic(), ProgressWindow()))
         now = time.monotonic()
         if not force and now - last < PROGRESS_EVERY_S:
             return
@@ -185,11 +187,12 @@ def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
         step = BatchStep(loaded, context)
         phase = step.spec.phases[index]
         ledger = step.ledger
-        ledger.start_run(step.run_id, step.spec.name, step.partition, chunk.total_items,
-                         [p.name for p in step.spec.phases], context.run.parent_run_id)
+        state = ledger.run_state(step.run_id)
+        if not state.exists:  # a re-execution whose fan-out did not run again
+            ledger.start_run(step.run_id, step.spec.name, step.partition, chunk.total_items,
+                             [p.name for p in step.spec.phases], context.run.parent_run_id)
         # A stopped batch fails its remaining steps rather than skipping them, so that
         # re-execution from failure picks them up again.
-        state = ledger.run_state(step.run_id)
         if state.stop_reason:
             step.stop(state.stop_reason, started=False)
         result = execute_chunk(ledger, step.phase_run(phase), chunk,
@@ -238,18 +241,19 @@ def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
     def collect(context: dg.OpExecutionContext, chunks: list[Chunk]) -> dict[str, Any]:
         step = BatchStep(loaded, context)
         lineage = run_lineage(context.instance, context.run)
-        if lineage and step.ledger.run(step.run_id) is None:
+        run = step.ledger.run(step.run_id)
+        if run is None and lineage:
             # A re-execution of collect alone (no phase step re-ran) has no run row yet.
             parent = step.ledger.run(lineage[0])
             step.ledger.start_run(step.run_id, step.spec.name, step.partition,
                                   parent["total_items"] if parent else 0,
                                   [p.name for p in step.spec.phases], lineage[0])
+            run = step.ledger.run(step.run_id)
         copied = step.ledger.carry_over(step.run_id, lineage)
         if copied:
             context.log.info(f"{copied} ledger rows carried over from earlier runs")
-        run = step.ledger.run(step.run_id)
         complete_items(step, lineage, run["total_items"] if run else 0)
-        summary = summarize_run(step.ledger, step.run_id)
+        summary = summarize_run(step.ledger, step.run_id, run=run)
         summary["tolerated_failures"] = step.spec.options.tolerated_count(summary["items"])
         step.publish_progress(force=True)
         ok = summary["failed_items"] <= summary["tolerated_failures"]

@@ -86,6 +86,7 @@ _UPDATED_ON_CONFLICT = [c for c in ITEM_COLUMNS if c not in ("run_id", "phase", 
 
 @dataclass(frozen=True)
 class RunState:
+    exists: bool = False  # the run has its batch_run row
     stop_reason: str | None = None
     failed_items: int = 0
     spent_cost: float = 0.0  # in the whole partition, across runs
@@ -206,7 +207,7 @@ class Ledger:
             row = conn.execute(query).first()
         if row is None:
             return RunState()
-        return RunState(row[0], int(row[1]), float(row[2]), int(row[3]))
+        return RunState(True, row[0], int(row[1]), float(row[2]), int(row[3]))
 
     def stop_reason(self, run_id: str) -> str | None:
         with self.engine.connect() as conn:

@@ -7,11 +7,13 @@ from typing import Any
 from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger
 
 
-def summarize_run(ledger: Ledger, run_id: str, failed_examples: int = 10) -> dict[str, Any]:
-    run = ledger.run(run_id) or {"phases": [], "total_items": 0}
+def summarize_run(ledger: Ledger, run_id: str, failed_examples: int = 10,
+                  run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`run`: the run's batch_run row when the caller has just read it."""
+    run = run or ledger.run(run_id) or {"phases": [], "total_items": 0}
     phases: list[str] = run["phases"]
     rows = ledger.rows(run_id)
-    counts = ledger.counts(run_id)
+    counts = {key: int(n) for key, n in rows.groupby(["phase", "status"]).size().items()}
     invalid = counts.get((SOURCE_PHASE, "invalid"), 0)
     executed = rows[(rows["phase"] != SOURCE_PHASE) & rows["reused_from"].isna()]
     started = float(run.get("started_at") or 0.0)
