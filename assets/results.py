@@ -60,7 +60,7 @@ def build_results_op(spec: BatchSpec) -> dg.OpDefinition:
     def results(context: dg.OpExecutionContext, summary: dict[str, Any]) -> dg.Output[dict]:
         ledger = context.resources.batch_storage.ledger(context.instance)
         ledger.finish_run(context.run_id, "succeeded", summary)  # now with the after steps'
-        rows = ledger.rows(context.run_id)
+        rows = ledger.rows(context.run_id, light=True)
         run = ledger.run(context.run_id)
         return dg.Output(summary, metadata=results_metadata(
             summary, rows, run["started_at"] if run else None))

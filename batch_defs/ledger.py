@@ -80,6 +80,7 @@ effect_table = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+HEAVY_COLUMNS = ("input", "output", "attempt_log")
 ITEM_COLUMNS = [c.name for c in item_table.columns if c.name != "id"]
 _UPDATED_ON_CONFLICT = [c for c in ITEM_COLUMNS if c not in ("run_id", "phase", "item_key")]
 
@@ -301,18 +302,26 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(stmt)
 
-    def rows(self, run_id: str, status: str | None = None,
-             phase: str | None = None) -> pd.DataFrame:
+    def rows(self, run_id: str, status: str | None = None, phase: str | None = None,
+             light: bool = False) -> pd.DataFrame:
+        """A run's rows in source order; `light` leaves out the JSON columns (input, output,
+        attempt_log), which are most of the memory of a large run."""
         t = item_table.c
-        query = sa.select(item_table).where(t.run_id == run_id).order_by(t.seq, t.id)
+        columns = [c for c in item_table.columns if c.name != "id"
+                   and not (light and c.name in HEAVY_COLUMNS)]
+        query = sa.select(*columns).where(t.run_id == run_id).order_by(t.seq, t.id)
         if status:
             query = query.where(t.status == status)
         if phase:
             query = query.where(t.phase == phase)
         with self.engine.connect() as conn:
-            frame = pd.DataFrame(conn.execute(query).mappings().all(),
-                                 columns=[c.name for c in item_table.columns])
-        return frame.drop(columns=["id"])
+            return pd.DataFrame(conn.execute(query).mappings().all(),
+                                columns=[c.name for c in columns])
+
+    def count_rows(self, run_id: str) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(item_table)
+                                    .where(item_table.c.run_id == run_id)).scalar() or 0)
 
 
 def _row(row: Mapping[str, Any]) -> dict[str, Any]:

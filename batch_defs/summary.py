@@ -12,7 +12,7 @@ def summarize_run(ledger: Ledger, run_id: str, failed_examples: int = 10,
     """`run`: the run's batch_run row when the caller has just read it."""
     run = run or ledger.run(run_id) or {"phases": [], "total_items": 0}
     phases: list[str] = run["phases"]
-    rows = ledger.rows(run_id)
+    rows = ledger.rows(run_id, light=True)
     counts = {key: int(n) for key, n in rows.groupby(["phase", "status"]).size().items()}
     invalid = counts.get((SOURCE_PHASE, "invalid"), 0)
     executed = rows[(rows["phase"] != SOURCE_PHASE) & rows["reused_from"].isna()]
