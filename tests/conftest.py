@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
 import sqlalchemy as sa
 import yaml
+from aiosmtpd.controller import Controller
 
 from batch_defs.definitions import build_definitions
 from tests import handlers
@@ -109,3 +118,58 @@ def pg_instance(tmp_path: Path, pg_database: str,
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with dg.DagsterInstance.from_config(str(home)) as inst:
         yield inst
+
+
+@dataclass
+class Inbox:
+    """What the SMTP server received: one entry per accepted message."""
+
+    received: list[tuple[str, list[str], EmailMessage]] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        message = email.message_from_bytes(envelope.original_content or envelope.content,
+                                           policy=email.policy.default)
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), message))
+        return "250 Message accepted for delivery"
+
+    def messages(self) -> list[EmailMessage]:
+        return [message for _, _, message in self.received]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serve_smtp(inbox: Inbox) -> Iterator[tuple[Inbox, int]]:
+    """A real SMTP server (aiosmtpd) on a free loopback port, handing mail to `inbox`."""
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[Inbox, int]]:
+    with serve_smtp(Inbox()) as served:
+        yield served
+
+
+CLI = [sys.executable, "-m", "batch_defs.cli"]
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, batch_dir: Path) -> dict[str, str]:
+    """Environment for the batch-defs command: its own DAGSTER_HOME and batch folder."""
+    return {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "COLUMNS": "200",
+            "BATCH_DEFS_PATH": str(batch_dir), "PYTHONPATH": str(PROJECT)}
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=240,
+                          cwd=PROJECT)

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT, inline_items, write_batch
+from tests.conftest import cli, inline_items, write_batch
 
 pytestmark = pytest.mark.cli
-CLI = [sys.executable, "-m", "batch_defs.cli"]
-
-
-@pytest.fixture
-def env(tmp_path: Path, batch_dir: Path) -> dict[str, str]:
-    return {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "COLUMNS": "200",
-            "BATCH_DEFS_PATH": str(batch_dir), "PYTHONPATH": str(PROJECT)}
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=240,
-                          cwd=PROJECT)
 
 
 def scoring_batch(batch_dir: Path, fail_keys: list[int], tolerated: int) -> None:
@@ -167,3 +153,8 @@ def test_validate_checks_every_item_of_a_data_file(env: dict[str, str], batch_di
     assert "people: item 3#row_5 row 5: duplicate key '3' (first at row 4)" in done.stderr
     missing = cli(env, "validate", "people", "--items")
     assert missing.returncode == 1 and "file not found" in missing.stderr
+
+
+@pytest.fixture
+def env(cli_env: dict[str, str]) -> dict[str, str]:
+    return cli_env

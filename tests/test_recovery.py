@@ -21,18 +21,10 @@ import pytest
 import sqlalchemy as sa
 
 from resources.storage import BatchStorageResource
-from tests.conftest import inline_items, write_batch
-from tests.test_cli import CLI, cli
+from tests.conftest import CLI, cli, inline_items, write_batch
 
 pytestmark = pytest.mark.cli
 
-
-@pytest.fixture
-def env(tmp_path: Path, batch_dir: Path) -> dict[str, str]:
-    from tests.conftest import PROJECT
-
-    return {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "COLUMNS": "200",
-            "BATCH_DEFS_PATH": str(batch_dir), "PYTHONPATH": str(PROJECT)}
 
 
 def counted_batch(batch_dir: Path, calls: Path, items: int, ms: float, cost: float = 0.0,
@@ -225,3 +217,8 @@ def test_dead_letters_are_fixed_and_rerun(env: dict[str, str], batch_dir: Path,
                           "--json").stdout)
     assert sorted((r["item_key"], r["status"]) for r in redo) == [
         ("11", "succeeded"), ("4", "succeeded"), ("9", "succeeded")]
+
+
+@pytest.fixture
+def env(cli_env: dict[str, str]) -> dict[str, str]:
+    return cli_env

@@ -6,10 +6,8 @@ import base64
 import csv
 import io
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,10 +26,9 @@ from batch_defs.report import (
     write_report,
 )
 from resources.storage import BatchStorageResource
-from tests.conftest import PROJECT, inline_items, run_batch, write_batch
+from tests.conftest import CLI, PROJECT, cli, inline_items, run_batch, write_batch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CLI = [sys.executable, "-m", "batch_defs.cli"]
 
 
 def pngs_in(text: str) -> list[bytes]:
@@ -213,17 +210,6 @@ def test_progress_switch_is_read_when_the_run_executes(batch_dir: Path,
     assert progress_lines(loud.run_id)[-1].startswith("progress 30/30 100%")
 
 
-@pytest.fixture
-def env(tmp_path: Path, batch_dir: Path) -> dict[str, str]:
-    return {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "COLUMNS": "200",
-            "BATCH_DEFS_PATH": str(batch_dir), "PYTHONPATH": str(PROJECT)}
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=240,
-                          cwd=PROJECT)
-
-
 @pytest.mark.cli
 def test_report_command_and_partition_history(env: dict[str, str], batch_dir: Path,
                                               tmp_path: Path) -> None:
@@ -285,3 +271,8 @@ def test_status_watch_follows_a_run_of_another_process(env: dict[str, str],
     assert re.search(r"wait\s.*40/40", watched.stderr) and re.search(r"all\s.*80/80",
                                                                     watched.stderr)
     assert "items/s" in watched.stderr and "SUCCESS" in watched.stdout
+
+
+@pytest.fixture
+def env(cli_env: dict[str, str]) -> dict[str, str]:
+    return cli_env

@@ -12,8 +12,7 @@ from pytest_httpserver import HTTPServer
 
 from batch_defs.definitions import build_definitions
 from resources.smtp import SmtpResource
-from tests.conftest import write_batch
-from tests.test_task_email import Inbox, smtp_server  # noqa: F401  (the SMTP fixture)
+from tests.conftest import Inbox, write_batch
 
 pytestmark = pytest.mark.job
 
@@ -136,7 +135,7 @@ def test_bad_cron_is_a_spec_error(batch_dir: Path) -> None:
 @pytest.mark.integration
 def test_notifications_by_email_and_webhook(tmp_path: Path, batch_dir: Path,
                                             instance: dg.DagsterInstance,
-                                            smtp_server: tuple[Inbox, int],  # noqa: F811
+                                            smtp_server: tuple[Inbox, int],
                                             httpserver: HTTPServer,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     mailbox, port = smtp_server

@@ -18,12 +18,10 @@ from typing import Any
 import dagster as dg
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 
 from batch_defs.loader import PACKAGE_BATCHES, load_batches
 from resources.storage import BatchStorageResource
-from tests.conftest import PROJECT, run_batch
-from tests.test_task_email import Inbox, free_port
+from tests.conftest import PROJECT, Inbox, run_batch, serve_smtp
 from tests.test_task_sql import (  # noqa: F401 - pg_target, migration_target: fixtures
     migration_config,
     migration_target,
@@ -53,13 +51,8 @@ class RefusingInbox(Inbox):
 
 @pytest.fixture
 def smtp_inbox() -> Iterator[tuple[RefusingInbox, int]]:
-    inbox, port = RefusingInbox(), free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield inbox, port
-    finally:
-        controller.stop()
+    with serve_smtp(RefusingInbox()) as served:
+        yield served  # type: ignore[misc]
 
 
 def load_script(name: str) -> ModuleType:

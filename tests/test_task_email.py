@@ -3,19 +3,12 @@ exactly-once sending across repeated calls, runs and lost ledger rows."""
 
 from __future__ import annotations
 
-import email
-import email.policy
-import socket
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from email.message import EmailMessage, MIMEPart
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 from pydantic import ValidationError
 
 from batch_defs.ledger import item_table
@@ -24,40 +17,7 @@ from batch_defs.tasks.email import EmailParams
 from batch_defs.tasks.templating import TemplateSecurityError
 from resources.smtp import SmtpResource
 from resources.storage import BatchStorageResource
-from tests.conftest import run_batch, write_batch
-
-
-@dataclass
-class Inbox:
-    """What the SMTP server received: one entry per accepted message."""
-
-    received: list[tuple[str, list[str], EmailMessage]] = field(default_factory=list)
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        message = email.message_from_bytes(envelope.original_content or envelope.content,
-                                           policy=email.policy.default)
-        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), message))
-        return "250 Message accepted for delivery"
-
-    def messages(self) -> list[EmailMessage]:
-        return [message for _, _, message in self.received]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[tuple[Inbox, int]]:
-    inbox, port = Inbox(), free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield inbox, port
-    finally:
-        controller.stop()
+from tests.conftest import Inbox, free_port, run_batch, write_batch
 
 
 def context(tmp_path: Path, port: int, key: str = "7") -> TaskContext:
