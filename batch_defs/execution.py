@@ -83,10 +83,8 @@ class LedgerSink:
         with self.lock:
             self.cost += outcome.cost
             self.tokens += outcome.tokens
-            if outcome.status in FAILURE_STATUSES:
-                return self._failed(outcome) or budget_exceeded(self.budget, self.cost,
-                                                                self.tokens)
-            return budget_exceeded(self.budget, self.cost, self.tokens)
+            failed = self._failed(outcome) if outcome.status in FAILURE_STATUSES else None
+            return failed or budget_exceeded(self.budget, self.cost, self.tokens)
 
     def _failed(self, outcome: ItemOutcome) -> str | None:
         self.failures += 1
