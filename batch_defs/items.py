@@ -128,10 +128,9 @@ class ItemSpool:
         return read_spool(self.path)
 
     def chunks(self, size: int, invalid: int = 0) -> Iterator[Chunk]:
-        self._file.close()
         batch: list[Item] = []
         index = 0
-        for item in read_spool(self.path):
+        for item in self.items():
             batch.append(item)
             if len(batch) == size:
                 yield Chunk(index, batch, self.count, invalid)
