@@ -1,1 +1,1 @@
-"""Assets of the batch engine: one results asset per batch, partitioned like its job."""
+"""Assets of the batch engine: the factory that turns a batch into its graph-backed results asset and job, and the results metadata."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from batch_defs.factory import build_batch
+from assets.factory import build_batch
 from batch_defs.loader import load_batches
 from resources import (
     BatchStorageResource,

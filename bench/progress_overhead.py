@@ -33,7 +33,7 @@ class PublishTimer:
     """Wraps BatchStep.publish_progress: calls, actual publishes and seconds spent inside."""
 
     def __init__(self) -> None:
-        from batch_defs import factory
+        from assets import factory
 
         self.factory = factory
         self.original = factory.BatchStep.publish_progress
