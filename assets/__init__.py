@@ -1,1 +1,1 @@
-"""Assets of the batch engine: the factory that turns a batch into its graph-backed results asset and job, and the results metadata."""
+"""Assets of the batch engine: the factory of each batch's results asset and job, and its metadata."""
