@@ -1,1 +1,1 @@
-"""Assets of the batch engine: the factory of each batch's results asset and job, and its metadata."""
+"""Assets of the batch engine: the factory of each batch's results asset and job, its metadata."""
