@@ -49,6 +49,7 @@ item_table = sa.Table(
     sa.Column("tokens", sa.Integer, nullable=False, default=0),
     sa.Column("reused_from", sa.String(64)),  # run whose result this row carries over
     sa.Column("worker", sa.String(128)),  # host:pid of the process that ran the item
+    sa.Column("skip_cause", sa.String(16)),  # SkipCause of a skipped row
     sa.UniqueConstraint("run_id", "phase", "item_key", name="uq_batch_item_run_phase_key"),
     sa.Index("ix_batch_item_partition", "batch", "partition", "phase", "item_key"),
     sa.Index("ix_batch_item_run_status", "run_id", "status"),
@@ -66,8 +67,22 @@ run_table = sa.Table(
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float),
     sa.Column("status", sa.String(16), nullable=False, default="running"),
+    sa.Column("stop_kind", sa.String(16)),  # StopKind; stop_reason says it in words
     sa.Column("stop_reason", sa.Text),
     sa.Column("summary", sa.Text),
+)
+
+# Which run holds a partition: one live run per partition, whichever door launched it.
+lease_table = sa.Table(
+    "batch_lease",
+    metadata,
+    sa.Column("batch", sa.String(128), primary_key=True),
+    sa.Column("partition", sa.String(255), primary_key=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("acquired_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
 )
 
 _queries: Counter[str] = Counter()  # statements sent per ledger URL by this process

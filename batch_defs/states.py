@@ -16,6 +16,9 @@ class ItemStatus(StrEnum):
     REJECTED = "rejected"
 
 
+# The longest item key the ledger stores; a longer key makes its item invalid at fan-out.
+MAX_ITEM_KEY_LENGTH = 512
+
 # Statuses that count against tolerated_failures (skipped is a choice, not a failure).
 FAILURE_STATUSES = (ItemStatus.FAILED, ItemStatus.INVALID, ItemStatus.REJECTED)
 
