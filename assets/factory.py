@@ -1,4 +1,5 @@
-"""Builds a Dagster job from a batch spec: fan-out -> mapped phase ops -> collect -> after."""
+"""Builds a batch's Dagster definitions: fan-out -> mapped phase ops -> collect -> after ->
+results, as the graph of the `<batch>/results` asset, and the job that materializes it."""
 
 
 import json
@@ -11,27 +12,43 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import (
-    UnresolvedAssetJobDefinition,  # what define_asset_job returns; not exported by dagster
-)
 
-from batch_defs.execution import PhaseRun, complete_run, execute_chunk, spool_source
-from batch_defs.items import Chunk, DependencyError, chunk_size, dependency_chunk, read_spool
-from batch_defs.ledger import Ledger, stop_kind
+from batch_defs.control import HOST, describe_holder, holder_is_live
+from batch_defs.engine import RunEngine, RunPlan
+from batch_defs.fanout import spool_source
+from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_chunk
+from batch_defs.ledger import Ledger, StopRequest
 from batch_defs.loader import LoadedBatch
 from batch_defs.progress import ProgressWindow
 from batch_defs.sources import SourceError, expand_env
 from batch_defs.spec import BatchSpec, PhaseSpec
+from batch_defs.states import RunState
 from batch_defs.summary import summarize_run
-from batch_defs.tasks import Handler, build_handler, task_resources
+from batch_defs.tasks import Handler, MissingExtra, build_handler, task_resources
 from resources.storage import BatchStorageResource, RunOverridesResource
 
 RESOURCE_KEYS = {"batch_storage", "run_overrides"}
-# Run state after a stop, by the stop reason's kind: paused runs are resumable on purpose.
-STOP_STATES = {"paused": "paused", "budget": "paused", "canceled": "canceled",
-               "fail_fast": "failed"}
+# What dg.define_asset_job returns (its class is not exported by dagster).
+BatchJob = Any
 PROGRESS_EVERY_S = 5.0
+MANIFEST = "batch_items.jsonl"  # the fan-out's spool, kept beside the run's step outputs
 _progress: dict[str, tuple[float, ProgressWindow]] = {}  # run id -> (last publish, window)
+
+
+class BatchPartitions(dg.DynamicPartitionsDefinition):
+    """A batch's partitions: one per launch, added by the launch itself.
+
+    Every door may name a partition that does not exist yet (`dagster asset materialize
+    --partition new`, `dagster job launch` with a partition tag, `dg launch`): the fan-out adds
+    it before any item runs, so Dagster's own check that the key exists is answered here."""
+
+    def has_partition_key(self, partition_key: str, current_time: Any = None,
+                          dynamic_partitions_store: Any = None) -> bool:
+        return valid_partition_key(partition_key)
+
+
+def valid_partition_key(key: str) -> bool:
+    return bool(key) and len(key) <= 255 and key.isprintable()
 
 
 def op_name(spec: BatchSpec, role: str) -> str:
@@ -50,39 +67,87 @@ def run_lineage(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
     return lineage
 
 
+def batch_resource_keys(spec: BatchSpec) -> set[str]:
+    """Every op of a batch asks for every resource its phases use: slots working ahead run
+    later phases' items from an earlier phase's step."""
+    return RESOURCE_KEYS | {key for phase in spec.phases for key in task_resources(phase.task)}
+
+
 class BatchStep:
-    """What every op of a batch needs: the effective spec, the ledger and run identity."""
+    """What every op of a batch needs: the effective spec, the ledger, run identity, and the
+    run's engine.
+
+    Every op holds the partition's lease before it does anything: one live run per
+    partition, whichever door launched it (a second run fails here, naming the first).
+    """
 
     def __init__(self, loaded: LoadedBatch, context: dg.OpExecutionContext):
         overrides: RunOverridesResource = context.resources.run_overrides
-        storage: BatchStorageResource = context.resources.batch_storage
+        self.storage: BatchStorageResource = context.resources.batch_storage
         self.loaded, self.context = loaded, context
         self.spec: BatchSpec = overrides.apply(loaded)
-        self.ledger: Ledger = storage.ledger(context.instance)
-        self.output_dir = storage.output_root(context.instance, self.spec.name)
+        self.ledger: Ledger = self.storage.ledger(context.instance)
+        self.output_dir = self.storage.output_root(context.instance, self.spec.name)
         self.partition = context.partition_key
         self.run_id = context.run_id
+        self.hold_partition()
 
-    def phase_run(self, phase: PhaseSpec) -> PhaseRun:
+    def hold_partition(self) -> None:
+        # Under the multiprocess executor a step is a child of the run's process, which
+        # outlives it; elsewhere the step runs in the run's process itself.
+        pid = os.getppid() if self.spec.options.executor == "multiprocess" else os.getpid()
+        holder = self.ledger.acquire_lease(
+            self.spec.name, self.partition, self.run_id, HOST, pid,
+            lambda held: holder_is_live(self.context.instance, held))
+        if holder is not None:
+            raise dg.Failure(describe_holder(holder, self.spec.name, self.partition),
+                             allow_retries=False)
+
+    def engine(self) -> RunEngine:
+        """The run's engine in this process, made by the first step that needs it."""
+        return self.storage.engine(self.run_id, self._new_engine)
+
+    def _new_engine(self) -> RunEngine:
         resources = {key: getattr(self.context.resources, key)
-                     for key in task_resources(phase.task)}
-        return PhaseRun(self.spec, phase, self.partition, self.run_id, self.loaded.base_dir,
-                        self.output_dir, resources=resources,
-                        log=self.context.log)  # type: ignore[arg-type]
+                     for key in batch_resource_keys(self.spec) - RESOURCE_KEYS}
+        try:
+            handlers = [phase_handler(self.loaded, p) for p in self.spec.phases]
+        except MissingExtra as exc:  # the batch loaded without it; it cannot run here
+            self.fail(str(exc))
+        plan = RunPlan(
+            spec=self.spec, ledger=self.ledger, partition=self.partition, run_id=self.run_id,
+            base_dir=self.loaded.base_dir, output_dir=self.output_dir,
+            handlers=handlers,
+            resources=resources, log=self.context.log,
+            # Later steps run in this process only with the in-process executor.
+            ahead=self.spec.options.executor == "in_process")
+        return RunEngine(plan, self.ledger.run_state(self.run_id))
 
-    def stop(self, reason: str, started: bool = True) -> NoReturn:
+    def check_in(self) -> None:
+        """Called about every second while items run: progress, and the lease's heartbeat."""
+        self.ledger.heartbeat(self.spec.name, self.partition, self.run_id)
+        self.publish_progress()
+
+    def mark(self, state: RunState) -> None:
+        self.ledger.set_status(self.run_id, state)
+        self.context.instance.add_run_tags(self.run_id, {"batch/state": state.value})
+
+    def fail(self, message: str) -> NoReturn:
+        """End the run as failed, saying why (the ledger, the state tag and the step agree)."""
+        self.mark(RunState.FAILED)
+        raise dg.Failure(message, allow_retries=False)
+
+    def stop(self, stop: StopRequest, started: bool = True) -> NoReturn:
         """End this step because the batch stopped (fail-fast, pause, cancel, budget).
 
         The step fails rather than skips, so re-execution from failure picks it up again; the
         run is tagged with its state, since Dagster has no 'paused' status of its own.
         """
-        self.ledger.request_stop(self.run_id, reason)
-        state = STOP_STATES.get(stop_kind(reason) or "", "failed")
-        self.ledger.set_status(self.run_id, state)
-        self.context.instance.add_run_tags(self.run_id, {"batch/state": state})
+        self.ledger.request_stop(self.run_id, stop)
+        self.mark(stop.kind.run_state)
         self.publish_progress(force=True)
         where = "" if started else "not started: "
-        raise dg.Failure(f"{where}{reason}", allow_retries=False)
+        raise dg.Failure(f"{where}{stop.reason}", allow_retries=False)
 
     def publish_progress(self, force: bool = False) -> None:
         """Progress as run tags (the Dagster run list shows them) and a log line, throttled.
@@ -111,12 +176,29 @@ class BatchStep:
         self.context.log.info(f"progress {progress.line()}")
 
 
+def join_batch(context: dg.OpExecutionContext, spec: BatchSpec) -> None:
+    """What every run of a batch gets at its start, whichever door launched it (the UI's job
+    or asset page, dagster job launch, dagster asset materialize, dg launch, our CLI, a
+    sensor or a schedule): its partition added if missing, before any item runs, and the
+    batch's tags, so that `batch-defs list` and the run limits see it."""
+    partition = context.partition_key
+    if not context.instance.has_dynamic_partition(spec.name, partition):
+        context.instance.add_dynamic_partitions(spec.name, [partition])
+    context.instance.add_run_tags(context.run_id, {
+        "batch/name": spec.name, **spec.tags, "batch/state": RunState.RUNNING.value})
+
+
+def manifest_path(instance: dg.DagsterInstance, run_id: str) -> Path:
+    return Path(instance.storage_directory()) / run_id / MANIFEST
+
+
 def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
-    @dg.op(name=op_name(loaded.spec, "fan_out"), out=dg.DynamicOut(Chunk),
-           required_resource_keys=RESOURCE_KEYS,
+    @dg.op(name=op_name(loaded.spec, "fan_out"), out=dg.DynamicOut(ChunkRef),
+           required_resource_keys=batch_resource_keys(loaded.spec),
            description=f"Reads the {loaded.spec.source.type} source, validates items, "
                        "records invalid ones and yields chunks.")
-    def fan_out(context: dg.OpExecutionContext) -> Iterator[dg.DynamicOutput[Chunk]]:
+    def fan_out(context: dg.OpExecutionContext) -> Iterator[dg.DynamicOutput[ChunkRef]]:
+        join_batch(context, loaded.spec)
         step = BatchStep(loaded, context)
         spec = step.spec
         manifest = manifest_path(context.instance, step.run_id)
@@ -125,8 +207,7 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
             read = spool_source(step.ledger, spec, loaded.base_dir, step.partition,
                                 step.run_id, manifest)
         except SourceError as exc:
-            raise dg.Failure(f"source {spec.source.type}: {exc}",
-                             allow_retries=False) from exc
+            step.fail(f"source {spec.source.type}: {exc}")
         total, invalid = read.spool.count, read.invalid
         step.ledger.start_run(step.run_id, spec.name, step.partition, total,
                               [p.name for p in spec.phases], context.run.parent_run_id)
@@ -135,30 +216,27 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
                                 f"{read.first_invalid.key}: {read.first_invalid.error}")
         tolerated = spec.options.tolerated_count(total + invalid)
         if spec.options.on_error == "fail_fast" and invalid > tolerated:
-            raise dg.Failure(f"{invalid} invalid items (tolerated {tolerated}); first: "
-                             f"{read.first_invalid.error if read.first_invalid else ''}",
-                             allow_retries=False)
+            step.fail(f"{invalid} invalid items (tolerated {tolerated}); first: "
+                      f"{read.first_invalid.error if read.first_invalid else ''}")
         if not total:
             what = f"no valid items ({invalid} invalid)" if invalid else "no items"
-            raise dg.Failure(f"source {spec.source.type} has {what}", allow_retries=False)
+            step.fail(f"source {spec.source.type} has {what}")
         if read.dependencies:
-            # One step per phase, so the slot runner can hold each item back until the items
-            # it depends on have succeeded; a cycle fails here, before any phase runs.
+            # One chunk, so the engine can hold each item back until the items it depends on
+            # have succeeded; a cycle fails here, before any phase runs.
             try:
-                ordered = dependency_chunk(read.spool, spec.options.depends_on_field, invalid)
+                refs = [dependency_chunk(read.spool, spec.options.depends_on_field, invalid)]
             except DependencyError as exc:
-                raise dg.Failure(f"{spec.options.depends_on_field}: {exc}",
-                                 allow_retries=False) from exc
-            context.log.info(f"{total} items with dependencies, in one chunk in dependency "
-                             "order")
-            context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
-            yield dg.DynamicOutput(ordered, mapping_key=ordered.mapping_key)
-            return
-        size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
-        context.log.info(f"{total} items in chunks of up to {size}")
+                step.fail(f"{spec.options.depends_on_field}: {exc}")
+            context.log.info(f"{total} items with dependencies, in one chunk")
+        else:
+            size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
+            refs = read.spool.refs(size, invalid)
+            context.log.info(f"{total} items in {len(refs)} chunks of up to {size}")
         context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
-        for chunk in read.spool.chunks(size, invalid):
-            yield dg.DynamicOutput(chunk, mapping_key=chunk.mapping_key)
+        step.engine().add_chunks(refs)  # slots start on the first chunks at once
+        for ref in refs:
+            yield dg.DynamicOutput(ref, mapping_key=ref.mapping_key)
 
     return fan_out
 
@@ -173,103 +251,86 @@ def _cached_handler(loaded: LoadedBatch, task: str, params_json: str) -> Handler
     return build_handler(task, json.loads(params_json), loaded.base_dir)
 
 
+def ensure_run_row(step: BatchStep, ref: ChunkRef) -> None:
+    """A re-execution whose fan-out did not run again has no batch_run row yet."""
+    if not step.ledger.run_state(step.run_id).exists:
+        step.ledger.start_run(step.run_id, step.spec.name, step.partition, ref.total_items,
+                              [p.name for p in step.spec.phases],
+                              step.context.run.parent_run_id)
+
+
 def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
     declared = loaded.spec.phases[index]
 
-    @dg.op(name=op_name(loaded.spec, declared.name), out=dg.Out(Chunk),
-           required_resource_keys=RESOURCE_KEYS | set(task_resources(declared.task)),
+    @dg.op(name=op_name(loaded.spec, declared.name), out=dg.Out(ChunkRef),
+           required_resource_keys=batch_resource_keys(loaded.spec),
            pool=declared.pool,
            retry_policy=dg.RetryPolicy(max_retries=loaded.spec.options.step_retries, delay=1,
                                        backoff=dg.Backoff.EXPONENTIAL)
            if loaded.spec.options.step_retries else None,
            description=f"Phase {index + 1}: task {declared.task!r} on each item of a chunk.")
-    def run_phase(context: dg.OpExecutionContext, chunk: Chunk) -> Chunk:
+    def run_phase(context: dg.OpExecutionContext, chunk: ChunkRef) -> ChunkRef:
         step = BatchStep(loaded, context)
-        phase = step.spec.phases[index]
-        ledger = step.ledger
-        state = ledger.run_state(step.run_id)
-        if not state.exists:  # a re-execution whose fan-out did not run again
-            ledger.start_run(step.run_id, step.spec.name, step.partition, chunk.total_items,
-                             [p.name for p in step.spec.phases], context.run.parent_run_id)
+        ensure_run_row(step, chunk)
         # A stopped batch fails its remaining steps rather than skipping them, so that
         # re-execution from failure picks them up again.
-        if state.stop_reason:
-            step.stop(state.stop_reason, started=False)
-        result = execute_chunk(ledger, step.phase_run(phase), chunk,
-                               phase_handler(loaded, phase), state, step.publish_progress)
-        context.log.info(f"{chunk.mapping_key}: {result.executed} run, {result.reused} reused, "
-                         f"{result.failed} failed")
-        if result.stop_reason:
-            step.stop(result.stop_reason)
-        return Chunk(chunk.index, result.outputs, chunk.total_items, chunk.invalid_items)
+        stopped = step.ledger.stop_request(step.run_id)
+        if stopped:
+            step.stop(stopped, started=False)
+        report = step.engine().run_chunk(index, chunk, step.check_in)
+        context.log.info(f"{chunk.mapping_key}: {report.executed} run, {report.reused} "
+                         f"reused, {report.failed} failed")
+        if report.stop:
+            step.stop(report.stop)
+        return chunk
 
     return run_phase
 
 
-MANIFEST = "batch_items.jsonl"  # the fan-out's spool, kept beside the run's step outputs
-
-
-def manifest_path(instance: dg.DagsterInstance, run_id: str) -> Path:
-    return Path(instance.storage_directory()) / run_id / MANIFEST
-
-
-def complete_items(step: BatchStep, lineage: list[str], total_items: int) -> None:
-    """Run what earlier runs left unfinished: failed items, and steps a re-execution left out
-    (Dagster's re-execution from failure can miss mapped steps that never started)."""
-    instance = step.context.instance
-    manifest = next((manifest_path(instance, run) for run in [step.run_id, *lineage]
-                     if manifest_path(instance, run).exists()), None)
-    if manifest is None:
-        step.context.log.warning("no item manifest found; cannot check completeness")
-        return
-    phases = step.spec.phases
-    result = complete_run(step.ledger, [step.phase_run(p) for p in phases],
-                          [phase_handler(step.loaded, p) for p in phases],
-                          read_spool(manifest), total_items)
-    if result is None:
-        return
-    step.context.log.info(f"completed {result.executed} item-phases left unfinished earlier")
-    if result.stop_reason:
-        step.stop(result.stop_reason)
-
-
 def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
-    needed = {key for phase in loaded.spec.phases for key in task_resources(phase.task)}
-
-    @dg.op(name=op_name(loaded.spec, "collect"), required_resource_keys=RESOURCE_KEYS | needed,
-           description="Completes the run's ledger rows, sums up and applies tolerated_failures.")
-    def collect(context: dg.OpExecutionContext, chunks: list[Chunk]) -> dict[str, Any]:
+    @dg.op(name=op_name(loaded.spec, "collect"),
+           required_resource_keys=batch_resource_keys(loaded.spec),
+           description="Completes every item of the run, sums up and applies "
+                       "tolerated_failures.")
+    def collect(context: dg.OpExecutionContext, chunks: list[ChunkRef]) -> dict[str, Any]:
         step = BatchStep(loaded, context)
         lineage = run_lineage(context.instance, context.run)
-        run = step.ledger.run(step.run_id)
-        if run is None and lineage:
-            # A re-execution of collect alone (no phase step re-ran) has no run row yet.
-            parent = step.ledger.run(lineage[0])
-            step.ledger.start_run(step.run_id, step.spec.name, step.partition,
-                                  parent["total_items"] if parent else 0,
-                                  [p.name for p in step.spec.phases], lineage[0])
-            run = step.ledger.run(step.run_id)
-        copied = step.ledger.carry_over(step.run_id, lineage)
+        if chunks:
+            ensure_run_row(step, chunks[0])
+        copied = step.ledger.carry_invalid(step.run_id, lineage)
         if copied:
-            context.log.info(f"{copied} ledger rows carried over from earlier runs")
-        complete_items(step, lineage, run["total_items"] if run else 0)
+            context.log.info(f"{copied} invalid source rows carried over from earlier runs")
+        # Items the run has not finished in this process: failed items of earlier runs in
+        # steps a re-execution did not re-run, and mapped steps it left out.
+        report = step.engine().finish(sorted(chunks, key=lambda ref: ref.index), step.check_in)
+        if report.executed:
+            context.log.info(f"completed {report.executed} item-phases left unfinished")
+        if report.stop:
+            step.stop(report.stop)
+        run = step.ledger.run(step.run_id)
         summary = summarize_run(step.ledger, step.run_id, run=run)
         summary["tolerated_failures"] = step.spec.options.tolerated_count(summary["items"])
         step.publish_progress(force=True)
-        ok = summary["failed_items"] <= summary["tolerated_failures"]
-        state = "succeeded" if ok else "failed"
-        step.ledger.finish_run(step.run_id, state, summary)
-        context.instance.add_run_tags(step.run_id, {"batch/state": state})
-        if not ok:
-            raise dg.Failure(
-                f"{summary['failed_items']} items failed or were invalid, more than the "
-                f"{summary['tolerated_failures']} tolerated",
-                metadata={k: v for k, v in summary.items() if isinstance(v, int | float)},
-                allow_retries=False,
-            )
-        return summary
+        if summary["failed_items"] <= summary["tolerated_failures"]:
+            # Not succeeded yet: after steps and the results asset may still fail or be
+            # killed; the results op marks the run succeeded as its very last act.
+            step.ledger.save_summary(step.run_id, summary)
+            return summary
+        step.ledger.finish_run(step.run_id, RunState.FAILED, summary)
+        step.mark(RunState.FAILED)
+        raise dg.Failure(
+            f"{summary['failed_items']} items failed or were invalid, more than the "
+            f"{summary['tolerated_failures']} tolerated; first: {first_failures(summary)}",
+            metadata={k: v for k, v in summary.items() if isinstance(v, int | float)},
+            allow_retries=False,
+        )
 
     return collect
+
+
+def first_failures(summary: dict[str, Any], shown: int = 3) -> str:
+    return "; ".join(f"{f['item_key']} ({f['phase']}): {f['error']}"
+                     for f in summary["failures"][:shown])
 
 
 def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinition:
@@ -294,7 +355,10 @@ def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinitio
 def build_executor(spec: BatchSpec) -> dg.ExecutorDefinition:
     if spec.options.executor == "celery":
         # Imported only here: the celery extra is needed by batches that scale out.
-        from dagster_celery import celery_executor
+        try:
+            from dagster_celery import celery_executor
+        except ImportError:
+            return missing_executor("celery")
 
         return celery_executor.configured({"broker": expand_env(spec.options.celery.broker),
                                            "backend": expand_env(spec.options.celery.backend)})
@@ -302,6 +366,17 @@ def build_executor(spec: BatchSpec) -> dg.ExecutorDefinition:
         return dg.multiprocess_executor.configured(
             {"max_concurrent": spec.options.max_concurrent_steps})
     return dg.in_process_executor
+
+
+def missing_executor(extra: str) -> dg.ExecutorDefinition:
+    """An executor that says which extra to install: the batch loads without it."""
+
+    @dg.executor(name=f"{extra}_not_installed")
+    def missing(_context: dg.InitExecutorContext) -> dg.Executor:
+        raise dg.Failure(f"the {extra} executor is not installed: install the {extra} extra: "
+                         f"pip install 'batch-defs[{extra}]'")
+
+    return missing
 
 
 def build_batch_graph(loaded: LoadedBatch) -> dg.GraphDefinition:
@@ -332,19 +407,16 @@ def build_batch_graph(loaded: LoadedBatch) -> dg.GraphDefinition:
     return batch_graph
 
 
-def build_batch(
-    loaded: LoadedBatch,
-) -> tuple[dg.AssetsDefinition, UnresolvedAssetJobDefinition]:
+def build_batch(loaded: LoadedBatch) -> tuple[dg.AssetsDefinition, BatchJob]:
     """The batch's results asset (graph-backed: its ops are the phases) and the job that
     materializes one partition of it per launch."""
     from assets.results import results_asset_key
 
     spec = loaded.spec
-    partitions = dg.DynamicPartitionsDefinition(name=spec.name)
     asset = dg.AssetsDefinition.from_graph(
         build_batch_graph(loaded),
         keys_by_output_name={"result": results_asset_key(spec.name)},
-        partitions_def=partitions,
+        partitions_def=BatchPartitions(name=spec.name),
         group_name="batches",
         descriptions_by_output_name={"result": f"Results of batch {spec.name}, per launch."},
     )
@@ -356,3 +428,4 @@ def build_batch(
         executor_def=build_executor(spec),
     )
     return asset, job
+

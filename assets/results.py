@@ -8,6 +8,7 @@ import pandas as pd
 
 from batch_defs.report import charts_markdown
 from batch_defs.spec import BatchSpec
+from batch_defs.states import RunState
 
 TABLE_ROWS = 100  # items shown in the asset's metadata; the ledger has them all
 
@@ -59,11 +60,15 @@ def build_results_op(spec: BatchSpec) -> dg.OpDefinition:
            description="Materializes the partition's results: counts, cost and item rows.")
     def results(context: dg.OpExecutionContext, summary: dict[str, Any]) -> dg.Output[dict]:
         ledger = context.resources.batch_storage.ledger(context.instance)
-        ledger.finish_run(context.run_id, "succeeded", summary)  # now with the after steps'
         rows = ledger.rows(context.run_id, light=True)
         run = ledger.run(context.run_id)
-        return dg.Output(summary, metadata=results_metadata(
-            summary, rows, run["started_at"] if run else None))
+        metadata = results_metadata(summary, rows, run["started_at"] if run else None)
+        # The run's last act: only now may the ledger and the tag say succeeded.
+        ledger.finish_run(context.run_id, RunState.SUCCEEDED, summary)
+        context.instance.add_run_tags(context.run_id,
+                                      {"batch/state": RunState.SUCCEEDED.value})
+        ledger.release_lease(spec.name, context.partition_key, context.run_id)
+        return dg.Output(summary, metadata=metadata)
 
     return results
 

@@ -1,17 +1,18 @@
-"""`batch-defs`: validate, list, run and inspect batches from the command line."""
+"""`batch-defs`: validate, list, run and inspect batches from the command line.
+
+A thin layer over batch_defs.client (launching, reading) and batch_defs.control (stops,
+resume): messages for people here, decisions there. Errors a user can act on print as one
+line, never a traceback (`batch-defs --verbose ...` shows it).
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import traceback
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,45 +20,71 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from batch_defs.loader import SpecError, batch_files, find_batch, load_batch, with_overrides
 
-DEFINITIONS = "batch_defs.definitions"
-console = Console(stderr=True)
-out = Console()
+
+def make_console(stderr: bool) -> Console:
+    """A terminal gets colours and its width; a pipe or file gets plain text, never wrapped
+    or cut (tables and paths whole)."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, no_color=True, width=10_000,
+                   soft_wrap=True)
+
+
+console = make_console(stderr=True)
+out = make_console(stderr=False)
+
+
+def say(message: str, style: str | None = None, to: Console | None = None) -> None:
+    """Print a message literally (no console markup: `[a-z]` in a pattern stays)."""
+    (to or out).print(Text(message, style=style or ""))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(Text.assemble(("error: ", "red"), message))
     sys.exit(code)
 
 
-def instance() -> Any:
-    import dagster as dg
+class BatchGroup(click.Group):
+    """Known errors become one line on stderr; anything else too, with a hint to --verbose."""
 
-    from batch_defs.instance import ensure_dagster_home
+    def invoke(self, ctx: click.Context) -> Any:
+        from batch_defs.control import ControlError
+        from batch_defs.schema import LedgerSchemaError
+        from batch_defs.sources import SourceError
 
-    ensure_dagster_home()
-    return dg.DagsterInstance.get()
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except (SpecError, ControlError, SourceError, LedgerSchemaError) as exc:
+            # Refused before anything ran (exit 2); exit 1 says a run or a check failed.
+            if ctx.obj and ctx.obj.get("verbose"):
+                traceback.print_exc()
+            fail(str(exc), 2)
+        except Exception as exc:  # an unexpected error: one line, the trace on request
+            if ctx.obj and ctx.obj.get("verbose"):
+                traceback.print_exc()
+                fail(f"{type(exc).__name__}: {exc}", 1)
+            fail(f"{type(exc).__name__}: {exc} (batch-defs --verbose ... shows where)", 1)
 
 
-def ledger_for(inst: Any) -> Any:
-    from resources.storage import BatchStorageResource
-
-    return BatchStorageResource().ledger(inst)
-
-
-def partition_key(data: str | None) -> str:
-    """A stable key from the data file's name (customers_2026_11.csv -> customers_2026_11),
-    else the launch time."""
-    if data:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).stem)
-    return datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-@click.group()
-def main() -> None:
+@click.group(cls=BatchGroup)
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks of unexpected errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Batches described in YAML, run as partitioned Dagster jobs with an item ledger."""
+    ctx.obj = {"verbose": verbose}
+
+
+def client() -> Any:
+    from batch_defs.client import BatchClient
+
+    return BatchClient()
 
 
 @main.command()
@@ -90,10 +117,11 @@ def validate(targets: tuple[str, ...], data: str | None, sets: tuple[str, ...],
         except SpecError as exc:
             problems += len(exc.problems)
             for problem in exc.problems:
-                console.print(f"[red]{problem}[/red]", highlight=False)
+                say(str(problem), "red", console)
     for loaded in [*loaded_batches, *named]:
-        out.print(f"ok {loaded.path} ({loaded.spec.name}: {len(loaded.spec.phases)} phases)",
-                  highlight=False)
+        say(f"ok {loaded.path} ({loaded.spec.name}: {len(loaded.spec.phases)} phases)")
+        for notice in loaded.notices:
+            say(f"warning: {notice} (the batch loads; it cannot run here)", "yellow", console)
         if data or sets or check_items:
             problems += check_source(loaded, data, sets)
     if problems:
@@ -105,6 +133,7 @@ def check_source(loaded: Any, data: str | None, sets: tuple[str, ...]) -> int:
     from batch_defs.items import InvalidRow, check_records
     from batch_defs.sources import SourceError, read_source
 
+    name = loaded.spec.name
     try:
         spec = with_overrides(loaded.spec, data, sets)
         valid = invalid = 0
@@ -112,15 +141,16 @@ def check_source(loaded: Any, data: str | None, sets: tuple[str, ...]) -> int:
                                    spec.source.schema_, spec.options.max_items):
             if isinstance(entry, InvalidRow):
                 invalid += 1
-                console.print(f"[red]{spec.name}: item {entry.key} {entry.error}[/red]",
-                              highlight=False)
+                say(f"{name}: item {entry.key} {entry.error}", "red", console)
             else:
                 valid += 1
     except (SpecError, SourceError) as exc:
-        console.print(f"[red]{loaded.spec.name}: source {loaded.spec.source.type}: {exc}[/red]",
-                      highlight=False)
+        say(f"{name}: source {loaded.spec.source.type}: {exc}", "red", console)
         return 1
-    out.print(f"  {valid} valid items, {invalid} invalid", highlight=False)
+    say(f"  {valid} valid items, {invalid} invalid")
+    if not valid:
+        say(f"{name}: source {spec.source.type} has no items to run", "red", console)
+        return invalid or 1
     return invalid
 
 
@@ -129,26 +159,33 @@ def check_source(loaded: Any, data: str | None, sets: tuple[str, ...]) -> int:
               help="One line per partition with its latest run and status.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_batches(per_partition: bool, as_json: bool) -> None:
-    """The batches, their partitions and the status of their last run."""
+    """The batches, their partitions and the status of their last run; batches that do not
+    load, with why."""
     import dagster as dg
 
-    from batch_defs.loader import load_batches
-
-    inst = instance()
-    rows = []
-    for name, loaded in sorted(load_batches().items()):
-        partitions = inst.get_dynamic_partitions(name)
-        runs = inst.get_runs(filters=dg.RunsFilter(job_name=name), limit=1)
-        last = runs[0] if runs else None
-        rows.append({
-            "name": name, "description": loaded.spec.description,
-            "phases": [p.name for p in loaded.spec.phases], "partitions": partitions,
-            "last_run_id": last.run_id if last else None,
-            "last_status": last.status.value if last else None,
-            "last_partition": last.tags.get("dagster/partition") if last else None,
-        })
-        if per_partition:
-            rows[-1]["partition_runs"] = partition_runs(inst, name, partitions)
+    with client() as c:
+        inst = c.instance
+        catalog = c.catalog()
+        rows = []
+        for name, loaded in sorted(catalog.batches.items()):
+            partitions = inst.get_dynamic_partitions(name)
+            runs = inst.get_runs(filters=dg.RunsFilter(tags={"batch/name": name}), limit=1)
+            last = runs[0] if runs else None
+            rows.append({
+                "name": name, "description": loaded.spec.description,
+                "phases": [p.name for p in loaded.spec.phases], "partitions": partitions,
+                "last_run_id": last.run_id if last else None,
+                "last_status": last.status.value if last else None,
+                "last_partition": last.tags.get("dagster/partition") if last else None,
+                "problem": "; ".join(str(n) for n in loaded.notices) or None,
+            })
+            if per_partition:
+                rows[-1]["partition_runs"] = partition_runs(inst, name, partitions)
+        for broken in catalog.broken:
+            rows.append({"name": broken.name, "description": "", "phases": [],
+                         "partitions": [], "last_run_id": None, "last_status": None,
+                         "last_partition": None, "partition_runs": [],
+                         "problem": f"does not load: {broken.describe()}"})
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -159,18 +196,22 @@ def list_batches(per_partition: bool, as_json: bool) -> None:
     for row in rows:
         partitions = ", ".join(row["partitions"][-3:]) + (" ..." if len(row["partitions"]) > 3
                                                            else "")
-        table.add_row(row["name"], " -> ".join(row["phases"]),
-                      f"{len(row['partitions'])}: {partitions}" if row["partitions"] else "-",
-                      (row["last_run_id"] or "-")[:8], row["last_status"] or "-")
+        status = row["last_status"] or "-"
+        if row["problem"]:
+            status = row["problem"] if not row["phases"] else f"{status}; {row['problem']}"
+        table.add_row(Text(row["name"]), " -> ".join(row["phases"]) or "-",
+                      Text(f"{len(row['partitions'])}: {partitions}" if row["partitions"]
+                           else "-"),
+                      (row["last_run_id"] or "-")[:8], Text(status))
     out.print(table)
 
 
 def partition_runs(inst: Any, name: str, partitions: list[str]) -> list[dict[str, Any]]:
-    """Each partition (newest first) with its latest run, from one query over the job's runs."""
+    """Each partition (newest first) with its latest run, from one query over the runs."""
     import dagster as dg
 
     latest = {data.partition: data for data in
-              inst.get_run_partition_data(dg.RunsFilter(job_name=name))}
+              inst.get_run_partition_data(dg.RunsFilter(tags={"batch/name": name}))}
     found = []
     for key in reversed(partitions):
         data = latest.get(key)
@@ -190,24 +231,11 @@ def partition_table(rows: list[dict[str, Any]]) -> Table:
                                                  "status": None, "started_at": None}]:
             started, ended = entry["started_at"], entry.get("finished_at")
             table.add_row(
-                row["name"], entry["partition"], (entry["run_id"] or "-")[:8],
-                entry["status"] or "never run",
+                Text(row["name"]), Text(entry["partition"]), (entry["run_id"] or "-")[:8],
+                entry["status"] or row.get("problem") or "never run",
                 datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S") if started else "-",
                 f"{ended - started:.1f}s" if started and ended else "-")
     return table
-
-
-def _run_config(data: str | None, sets: tuple[str, ...], verbose: bool) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    if data or sets:
-        overrides: dict[str, Any] = {"overrides": list(sets)}
-        if data:
-            overrides["data"] = str(Path(data).expanduser().resolve())
-        config["resources"] = {"run_overrides": {"config": overrides}}
-    # The live progress bar replaces Dagster's step logs on the console; the event log in the
-    # instance keeps every event either way.
-    config["loggers"] = {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}
-    return config
 
 
 def launch_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -220,24 +248,17 @@ def launch_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="File replacing the spec's source.path for this run."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                      help="Override a spec field for this run, e.g. options.concurrency=4."),
+        click.option("--wait", is_flag=True,
+                     help="If a live run holds the partition, wait for it to end "
+                          "(default: refuse, naming that run)."),
     ]):
         command = option(command)
     return command
 
 
-def prepare_launch(name: str, partition: str | None, data: str | None,
-                   sets: tuple[str, ...]) -> tuple[Any, str]:
-    """Check the batch and its overrides before anything starts; add the partition."""
-    try:
-        loaded = find_batch(name)
-        with_overrides(loaded.spec, data, sets)
-    except SpecError as exc:
-        fail(str(exc))
-    inst = instance()
-    key = partition or partition_key(data)
-    if not inst.has_dynamic_partition(name, key):
-        inst.add_dynamic_partitions(name, [key])
-    return inst, key
+def announce_wait(holder: Any) -> None:
+    say(f"waiting for run {holder.run_id} (pid {holder.pid} on {holder.host}), which holds "
+        "the partition", to=console)
 
 
 @main.command()
@@ -245,94 +266,65 @@ def prepare_launch(name: str, partition: str | None, data: str | None,
 @click.option("--verbose", is_flag=True, help="Show Dagster's step logs too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def run(name: str, partition: str | None, data: str | None, sets: tuple[str, ...],
-        verbose: bool, as_json: bool) -> None:
+        wait: bool, verbose: bool, as_json: bool) -> None:
     """Run batch NAME in this process against the instance in DAGSTER_HOME."""
-    inst, key = prepare_launch(name, partition, data, sets)
-    execute(inst, name, key, _run_config(data, sets, verbose), {}, None, as_json)
+    with client() as c:
+        launch = c.prepare(name, partition, data, sets, wait, announce_wait,
+                           "INFO" if verbose else "WARNING")
+        execute(c, launch, as_json)
 
 
-def execute(inst: Any, name: str, key: str, run_config: dict[str, Any], tags: dict[str, str],
-            reexecution: Any, as_json: bool) -> NoReturn:
-    """Execute the batch's job in this process with live progress; exit with its outcome."""
-    import dagster as dg
-    from dagster._core.definitions.reconstruct import build_reconstructable_job
-
+def execute(c: Any, launch: Any, as_json: bool) -> NoReturn:
+    """Execute a launch in this process with live progress; exit with its outcome."""
     from batch_defs.watch import watch_run
 
-    job = build_reconstructable_job(DEFINITIONS, "get_job",
-                                    reconstructable_args=(name,))
-    launched = time.time()
     done = threading.Event()
     watcher = threading.Thread(
-        target=watch_run, args=(ledger_for(inst), name, key, launched, done, console),
-        daemon=True)
+        target=watch_run, args=(c.ledger, launch.batch, launch.partition, time.time(), done,
+                                console), daemon=True)
     if not as_json:
         watcher.start()
-    # Who runs it, so that `resume` can tell a live run from one whose process was killed.
-    tags = {"dagster/partition": key, "batch/launched_by": "cli", "batch/pid": str(os.getpid()),
-            "batch/host": socket.gethostname(), **tags}
     try:
-        result = dg.execute_job(job, instance=inst, run_config=run_config, tags=tags,
-                                reexecution_options=reexecution)
+        outcome = c.execute(launch)
     finally:
         done.set()
         if watcher.is_alive():
             watcher.join()
-    print_summary(inst, result.run_id, as_json)
-    sys.exit(0 if result.success else 1)
+    print_summary(c, outcome.run_id, as_json)
+    sys.exit(0 if outcome.success else 1)
 
 
 @main.command()
 @launch_options
 @click.option("--watch", is_flag=True, help="Show live progress until the run ends.")
 def submit(name: str, partition: str | None, data: str | None, sets: tuple[str, ...],
-           watch: bool) -> None:
+           wait: bool, watch: bool) -> None:
     """Queue batch NAME through the run coordinator (the daemon launches it) and print the
     run id. Run limits in dagster.yaml (concurrency: runs:) apply."""
-    from dagster._cli.job import execute_launch_command
-    from dagster_shared.cli import WorkspaceOpts
+    from batch_defs.control import daemon_running
 
-    inst, key = prepare_launch(name, partition, data, sets)
-    config = _run_config(data, sets, verbose=True)
-    tags = {"dagster/partition": key, "batch/launched_by": "cli-submit"}
-    # The same code location name as workspace.yaml's, so the daemon can launch the run.
-    with stdout_to_stderr():
-        run = execute_launch_command(instance=inst,
-                                     workspace_opts=WorkspaceOpts(module_name=(DEFINITIONS,)),
-                                     config_json=json.dumps(config), tags=json.dumps(tags),
-                                     job_name=name)
-    out.print(run.run_id, highlight=False)
-    if watch:
-        from batch_defs.watch import follow_run
+    with client() as c:
+        launch = c.prepare(name, partition, data, sets, wait, announce_wait, "INFO")
+        run_id = c.submit(launch)
+        say(run_id)
+        if not daemon_running(c.instance):
+            say("warning: no dagster-daemon is running for this instance, so the run stays "
+                "queued until one starts (`make ui` or `dagster-daemon run`)", "yellow",
+                console)
+        if watch:
+            from batch_defs.watch import follow_run
 
-        follow_run(inst, ledger_for(inst), run.run_id, console)
-        print_summary(inst, run.run_id, False)
+            follow_run(c.instance, c.ledger, run_id, console)
+            print_summary(c, run_id, False)
 
 
-@contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send file descriptor 1 to stderr meanwhile, so the code server Dagster starts (and
-    that outlives this block) logs there and stdout stays just the run id for scripts."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+def print_summary(c: Any, run_id: str, as_json: bool) -> None:
+    from batch_defs.watch import render_report
 
-
-def print_summary(inst: Any, run_id: str, as_json: bool) -> None:
-    from batch_defs.watch import run_report
-
-    report = run_report(inst, ledger_for(inst), run_id)
+    report = c.status(run_id)
     if as_json:
         out.print_json(json.dumps(report, default=str))
         return
-    from batch_defs.watch import render_report
-
     out.print(render_report(report))
 
 
@@ -344,46 +336,11 @@ def status(run_id: str, watch: bool, as_json: bool) -> None:
     """Counts per phase and status, throughput and ETA of a run."""
     from batch_defs.watch import follow_run
 
-    inst = instance()
-    run_id = resolve_run_id(inst, run_id)
-    if watch:
-        follow_run(inst, ledger_for(inst), run_id, console)
-    print_summary(inst, run_id, as_json)
-
-
-def resolve_run_id(inst: Any, prefix: str) -> str:
-    """Full run id from a unique prefix (the UI and `list` show the first 8 characters)."""
-    if inst.get_run_by_id(prefix):
-        return prefix
-    import dagster as dg
-
-    matches = [r.run_id for r in inst.get_runs(filters=dg.RunsFilter(), limit=500)
-               if r.run_id.startswith(prefix)]
-    if len(matches) != 1:
-        fail(f"no run {prefix!r}" if not matches else f"run id {prefix!r} is ambiguous")
-    return matches[0]
-
-
-def worker_alive(run: Any) -> bool | None:
-    """Whether the process executing a run still exists: None when we cannot tell (another
-    host, or a run launched by the daemon, which Dagster's run monitoring watches)."""
-    pid, host = run.tags.get("batch/pid"), run.tags.get("batch/host")
-    if not pid or host != socket.gethostname():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _active_run(inst: Any, run_id: str) -> Any:
-    run = inst.get_run_by_id(resolve_run_id(inst, run_id))
-    if run.is_finished:
-        fail(f"run {run.run_id} has already ended ({run.status.value})", 1)
-    return run
+    with client() as c:
+        run_id = c.resolve(run_id).run_id
+        if watch:
+            follow_run(c.instance, c.ledger, run_id, console)
+        print_summary(c, run_id, as_json)
 
 
 @main.command()
@@ -395,43 +352,13 @@ def _active_run(inst: Any, run_id: str) -> Any:
 def resume(run_id: str, sets: tuple[str, ...], verbose: bool, as_json: bool) -> None:
     """Continue a failed, paused, canceled or killed run: only items not yet succeeded run.
 
-    The run is re-executed as a whole; the item ledger skips every item already done and
-    passes its stored outputs on, so no finished work is repeated.
+    The run is re-executed as a whole (every step, so the UI shows the lineage); the item
+    ledger skips every item already done and passes its stored outputs on. A run whose
+    process was killed is marked failed first; a run that is still alive is refused.
     """
-    import dagster as dg
-
-    inst = instance()
-    run = inst.get_run_by_id(resolve_run_id(inst, run_id))
-    if not run.is_finished:
-        alive = worker_alive(run)
-        if alive is not False:
-            fail(f"run {run.run_id} is {run.status.value}"
-                 + (" and its process is alive" if alive else "")
-                 + "; pause or cancel it first", 1)
-        inst.report_run_failed(run, f"process {run.tags['batch/pid']} is gone; "
-                                    "marked failed by batch-defs resume")
-        run = inst.get_run_by_id(run.run_id)
-    partition = run.tags.get("dagster/partition")
-    if not partition:
-        fail(f"run {run.run_id} has no partition")
-    run_config = dict(run.run_config)
-    if sets:
-        config = run_config.setdefault("resources", {}).setdefault(
-            "run_overrides", {}).setdefault("config", {})
-        config["overrides"] = [*config.get("overrides", []), *sets]
-        try:
-            loaded = find_batch(run.job_name)
-            with_overrides(loaded.spec, config.get("data"), config["overrides"])
-        except SpecError as exc:
-            fail(str(exc))
-    run_config["loggers"] = {"console": {"config": {"log_level":
-                                                    "INFO" if verbose else "WARNING"}}}
-    # Every step again, as a re-execution of the run: the ledger makes finished items free,
-    # and it avoids Dagster's step-level re-execution from failure, which can lose outputs of
-    # dynamic steps (dagster #20925, #30077) and refuses canceled runs (#17754).
-    reexecution = dg.ReexecutionOptions(parent_run_id=run.run_id)
-    execute(inst, run.job_name, partition, run_config, {"batch/resumed_from": run.run_id},
-            reexecution, as_json)
+    with client() as c:
+        launch = c.prepare_resume(run_id, sets, "INFO" if verbose else "WARNING")
+        execute(c, launch, as_json)
 
 
 @main.command()
@@ -441,13 +368,12 @@ def pause(run_id: str, wait: bool) -> None:
     """Stop starting items; in-flight items finish and are recorded; resume continues."""
     from batch_defs.watch import follow_run
 
-    inst = instance()
-    run = _active_run(inst, run_id)
-    ledger_for(inst).request_stop(run.run_id, "paused: requested with batch-defs pause")
-    out.print(f"pausing {run.run_id}: no new items start; resume with "
-              f"batch-defs resume {run.run_id[:8]}", highlight=False)
-    if wait:
-        follow_run(inst, ledger_for(inst), run.run_id, console)
+    with client() as c:
+        run = c.pause(run_id)
+        say(f"pausing {run.run_id}: no new items start; resume with "
+            f"batch-defs resume {run.run_id[:8]}")
+        if wait:
+            follow_run(c.instance, c.ledger, run.run_id, console)
 
 
 @main.command()
@@ -456,31 +382,9 @@ def pause(run_id: str, wait: bool) -> None:
               help="Seconds for in-flight items to finish before the run is killed.")
 def cancel(run_id: str, grace: float) -> None:
     """Terminate a run: stop starting items, give in-flight ones GRACE seconds, then kill."""
-    import dagster as dg
-
-    inst = instance()
-    run = _active_run(inst, run_id)
-    if run.status == dg.DagsterRunStatus.QUEUED:
-        inst.run_coordinator.cancel_run(run.run_id)
-        out.print(f"canceled queued run {run.run_id}")
-        return
-    ledger = ledger_for(inst)
-    ledger.request_stop(run.run_id, "canceled: requested with batch-defs cancel")
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and not inst.get_run_by_id(run.run_id).is_finished:
-        time.sleep(0.5)
-    run = inst.get_run_by_id(run.run_id)
-    if not run.is_finished:
-        if worker_alive(run):
-            os.kill(int(run.tags["batch/pid"]), signal.SIGKILL)
-        elif inst.run_launcher.terminate(run.run_id):
-            pass
-        run = inst.get_run_by_id(run.run_id)
-    if run.status != dg.DagsterRunStatus.CANCELED:
-        inst.report_run_canceled(run, "canceled with batch-defs cancel")
-    ledger.set_status(run.run_id, "canceled")
-    inst.add_run_tags(run.run_id, {"batch/state": "canceled"})
-    out.print(f"canceled {run.run_id}", highlight=False)
+    with client() as c:
+        run = c.cancel(run_id, grace)
+        say(f"canceled {run.run_id}")
 
 
 RESULT_COLUMNS = ["item_key", "phase", "status", "attempts", "error", "duration_s", "cost",
@@ -498,12 +402,9 @@ RESULT_COLUMNS = ["item_key", "phase", "status", "attempts", "error", "duration_
 def results(run_id: str, fmt: str, status_filter: str | None, phase: str | None,
             as_json: bool) -> None:
     """Per-item rows of a run from the ledger."""
-    inst = instance()
-    run_id = resolve_run_id(inst, run_id)
-    rows = ledger_for(inst).rows(run_id, phase=phase)
-    if status_filter:
-        rows = rows[rows["status"].isin(status_filter.split(","))]
-    rows = rows[RESULT_COLUMNS]
+    with client() as c:
+        statuses = [s.strip() for s in status_filter.split(",")] if status_filter else []
+        rows = c.results(run_id, statuses, phase)[RESULT_COLUMNS]
     fmt = "json" if as_json else fmt
     if fmt == "csv":
         click.echo(rows.to_csv(index=False), nl=False)
@@ -517,9 +418,10 @@ def results(run_id: str, fmt: str, status_filter: str | None, phase: str | None,
     else:
         table = Table("item", "phase", "status", "attempts", "duration", "error")
         for r in rows.itertuples():
-            table.add_row(str(r.item_key), str(r.phase), str(r.status), str(r.attempts),
-                          f"{r.duration_s:.3f}s" if r.duration_s == r.duration_s and
-                          r.duration_s is not None else "-", str(r.error or ""))
+            duration = "-" if r.duration_s is None or r.duration_s != r.duration_s \
+                else f"{r.duration_s:.3f}s"
+            table.add_row(Text(str(r.item_key)), Text(str(r.phase)), str(r.status),
+                          str(r.attempts), duration, Text(str(r.error or "")))
         out.print(table)
 
 
@@ -531,14 +433,31 @@ def results(run_id: str, fmt: str, status_filter: str | None, phase: str | None,
               help="Write to this file (md: charts as PNG files beside it); default: stdout.")
 def report(run_id: str, fmt: str, out_path: Path | None) -> None:
     """A run's report: summary, per-phase analytics, slowest and failed items, charts."""
-    from batch_defs.report import build_report, render, write_report
+    from batch_defs.report import render, write_report
 
-    inst = instance()
-    data = build_report(inst, ledger_for(inst), resolve_run_id(inst, run_id))
+    with client() as c:
+        data = c.report(run_id)
     if out_path is None:
         click.echo(render(data, fmt), nl=False)
         return
-    console.print(f"wrote {write_report(data, fmt, out_path)}", highlight=False)
+    say(f"wrote {write_report(data, fmt, out_path)}", to=console)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--keep", is_flag=True, help="Leave the original files in place.")
+def migrate(files: tuple[Path, ...], keep: bool) -> None:
+    """Turn NAME.yaml batch files into Dagster components: NAME/defs.yaml, which `dg` sees.
+
+    The spec moves under `attributes:` unchanged (comments kept) with `base_dir: ..`, so
+    the relative paths it holds keep working from the new folder.
+    """
+    from batch_defs.migrate import migrate_file
+
+    for file in files:
+        target = migrate_file(file, keep=keep)
+        say(f"migrated {file} -> {target}")
 
 
 def _decode(column: str, value: Any) -> Any:

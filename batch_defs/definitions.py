@@ -1,63 +1,115 @@
-"""The one place that builds dg.Definitions: a job and a results asset per batch YAML file."""
+"""The one place that builds dg.Definitions: every batch file as a Batch component, each on its
+own, so a batch that does not load is reported while all the others load and run.
+
+Nothing is built at import time: Dagster calls `defs` when it loads the code location.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import dagster as dg
 
-from assets.factory import build_batch
-from batch_defs.loader import load_batches
-from resources import (
-    BatchStorageResource,
-    DatabaseResource,
-    HttpResource,
-    LlmResource,
-    RunOverridesResource,
-    SmtpResource,
-)
-from sensors.inbox import build_inbox_sensor
-from sensors.run_end import build_run_end_sensors
-from sensors.schedules import build_schedule
+from batch_defs.loader import BrokenBatch, LoadedBatch, find_batch, load_catalog
+
+log = logging.getLogger("batch_defs")
+
+
+def shared_resources() -> dict[str, object]:
+    from resources import (
+        BatchStorageResource,
+        DatabaseResource,
+        HttpResource,
+        LlmResource,
+        RunOverridesResource,
+        SmtpResource,
+    )
+
+    return {
+        "batch_storage": BatchStorageResource(),
+        "run_overrides": RunOverridesResource(),
+        # Task types' connections; run config (or a deployment's own Definitions) points
+        # them at real servers, secrets through dg.EnvVar.
+        "smtp": SmtpResource(),
+        "http": HttpResource(),
+        "llm": LlmResource(),
+        "database": DatabaseResource(),
+        # Step outputs (chunk references) on disk: re-execution from failure reloads them.
+        "io_manager": dg.FilesystemIOManager(),
+    }
+
+
+def batch_definitions(loaded: LoadedBatch) -> dg.Definitions:
+    """One batch's asset, job, and its sensor and schedule if it asks for them."""
+    from assets.factory import build_batch
+    from sensors.inbox import build_inbox_sensor
+    from sensors.schedules import build_schedule
+
+    asset, job = build_batch(loaded)
+    sensors = [build_inbox_sensor(loaded, job)] if loaded.spec.sensor else []
+    schedules = [build_schedule(loaded, job)] if loaded.spec.schedule else []
+    return dg.Definitions(assets=[asset], jobs=[job], sensors=sensors, schedules=schedules)
+
+
+def broken_batch_definitions(broken: BrokenBatch) -> dg.Definitions:
+    """A job in the broken batch's place, whose description (and every launch) says why it
+    does not load: the UI shows it beside the batches that work."""
+    message = f"This batch does not load: {broken.describe()}"
+
+    @dg.op(name=f"{broken.name}__does_not_load", description=message)
+    def does_not_load() -> None:
+        raise dg.Failure(message, allow_retries=False)
+
+    @dg.job(name=broken.name, description=message,
+            tags={"batch/name": broken.name, "batch/broken": "true"})
+    def broken_job() -> None:
+        does_not_load()
+
+    return dg.Definitions(jobs=[broken_job])
 
 
 def build_definitions(paths: Iterable[Path] | None = None) -> dg.Definitions:
-    batches = load_batches(paths)
-    assets, jobs, sensors, schedules = [], [], [], []
-    for loaded in batches.values():
-        asset, job = build_batch(loaded)
-        assets.append(asset)
-        jobs.append(job)
-        if loaded.spec.sensor:
-            sensors.append(build_inbox_sensor(loaded, job))
-        if loaded.spec.schedule:
-            schedules.append(build_schedule(loaded, job))
-    if jobs:
-        sensors.extend(build_run_end_sensors(batches, jobs))
-    return dg.Definitions(
-        assets=assets,
-        jobs=jobs,
-        sensors=sensors,
-        schedules=schedules,
-        resources={
-            "batch_storage": BatchStorageResource(),
-            "run_overrides": RunOverridesResource(),
-            # Task types' connections; run config (or a deployment's own Definitions) points
-            # them at real servers, secrets through dg.EnvVar.
-            "smtp": SmtpResource(),
-            "http": HttpResource(),
-            "llm": LlmResource(),
-            "database": DatabaseResource(),
-            # Outputs on disk, not in memory: re-execution from failure reloads chunks.
-            "io_manager": dg.FilesystemIOManager(),
-        },
+    """Every batch in `paths` (default: BATCH_DEFS_PATH); a file that fails to load becomes a
+    job that says why (and a warning in the code server's log)."""
+    from sensors.run_end import build_run_end_sensors
+
+    catalog = load_catalog(paths)
+    parts: list[dg.Definitions] = []
+    jobs: list[object] = []
+    for loaded in catalog.batches.values():
+        for notice in loaded.notices:
+            log.warning("batch %s loads but cannot run here: %s", loaded.spec.name, notice)
+        part = batch_definitions(loaded)
+        parts.append(part)
+        jobs.extend(part.jobs or [])
+    taken = set(catalog.batches)
+    for broken in catalog.broken:
+        log.warning("batch file %s does not load: %s", broken.path, broken.describe())
+        if broken.name.isidentifier() and broken.name not in taken:
+            parts.append(broken_batch_definitions(broken))
+            taken.add(broken.name)
+    sensors = build_run_end_sensors(catalog.batches, jobs) if jobs else []
+    return dg.Definitions.merge(
+        *parts,
+        dg.Definitions(sensors=sensors, resources=shared_resources(),
+                       # `dagster asset materialize` and the UI's asset page launch the
+                       # implicit asset job: in process, as the batches' own jobs default.
+                       executor=dg.in_process_executor),
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions()
 
 
 def get_job(name: str) -> dg.JobDefinition:
-    """Entry point for reconstructable jobs (batch-defs run, multiprocess executor)."""
-    return defs.resolve_job_def(name)
+    """Entry point for reconstructable jobs (batch-defs run, the multiprocess executor):
+    only the batch that runs is loaded."""
+    loaded = find_batch(name)
+    return dg.Definitions.merge(
+        batch_definitions(loaded),
+        dg.Definitions(resources=shared_resources(), executor=dg.in_process_executor),
+    ).resolve_job_def(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import graphlib
 import heapq
 import json
 import math
@@ -22,12 +23,16 @@ class Item:
     data: dict[str, Any]
 
 
-@dataclass
-class Chunk:
-    """The unit Dagster sees: one mapped step processes one chunk of items per phase."""
+@dataclass(frozen=True)
+class ChunkRef:
+    """The unit Dagster sees: one mapped step per chunk and phase. It names a slice of the
+    run's item manifest, not the items: they travel through the manifest and the ledger, so
+    steps pass (and Dagster pickles) a few numbers instead of every item's data."""
 
     index: int
-    items: list[Item]
+    manifest: str  # the run's manifest (the fan-out's spool), a JSON-lines file
+    offset: int  # byte offset of the chunk's first item in it
+    count: int
     total_items: int  # valid items in the whole batch, for progress
     invalid_items: int = 0  # rejected by validation; they count against tolerated_failures
 
@@ -110,33 +115,36 @@ def prepare_items(records: Iterable[RawRecord], key_field: str | None,
 
 
 class ItemSpool:
-    """Valid items go to a JSON-lines file as the source is read, and come back chunk by chunk,
-    so a large source never sits in memory as a whole (the chunk size depends on the count)."""
+    """Valid items go to a JSON-lines file (the run's manifest) as the source is read; chunks
+    are slices of it, so a large source never sits in memory as a whole."""
 
     def __init__(self, path: Path):
         self.path = path
         self.count = 0
-        self._file: IO[str] = path.open("w", encoding="utf-8")
+        self._offsets: list[int] = []  # byte offset of each item's line
+        self._position = 0
+        self._file: IO[bytes] = path.open("wb")
 
     def add(self, item: Item) -> None:
-        self._file.write(json.dumps([item.key, item.seq, item.data], default=str))
-        self._file.write("\n")
+        line = (json.dumps([item.key, item.seq, item.data], default=str) + "\n").encode()
+        self._file.write(line)
+        self._offsets.append(self._position)
+        self._position += len(line)
         self.count += 1
 
-    def items(self) -> Iterator[Item]:
+    def close(self) -> None:
         self._file.close()
+
+    def items(self) -> Iterator[Item]:
+        self.close()
         return read_spool(self.path)
 
-    def chunks(self, size: int, invalid: int = 0) -> Iterator[Chunk]:
-        batch: list[Item] = []
-        index = 0
-        for item in self.items():
-            batch.append(item)
-            if len(batch) == size:
-                yield Chunk(index, batch, self.count, invalid)
-                batch, index = [], index + 1
-        if batch:
-            yield Chunk(index, batch, self.count, invalid)
+    def refs(self, size: int, invalid: int = 0) -> list[ChunkRef]:
+        """The manifest cut into chunks of `size` items."""
+        self.close()
+        return [ChunkRef(index, str(self.path), self._offsets[start],
+                         min(size, self.count - start), self.count, invalid)
+                for index, start in enumerate(range(0, self.count, size))]
 
 
 def read_spool(path: Path) -> Iterator[Item]:
@@ -144,6 +152,17 @@ def read_spool(path: Path) -> Iterator[Item]:
         for line in handle:
             key, seq, data = json.loads(line)
             yield Item(key, seq, data)
+
+
+def read_chunk(ref: ChunkRef) -> list[Item]:
+    """The items of one chunk, read from its slice of the manifest."""
+    items = []
+    with open(ref.manifest, "rb") as handle:
+        handle.seek(ref.offset)
+        for _ in range(ref.count):
+            key, seq, data = json.loads(handle.readline())
+            items.append(Item(key, seq, data))
+    return items
 
 
 def chunk_size(total: int, slots: int, configured: str | int) -> int:
@@ -185,48 +204,42 @@ def dependency_order(items: list[Item], field: str | None) -> list[Item]:
     """The items with every dependency before its dependants (among items that are ready,
     source order). Raises DependencyError naming an unknown key or the keys of a cycle."""
     by_key = {item.key: item for item in items}
-    depends = {item.key: set(item_dependencies(item.data, field)) for item in items}
+    depends = {item.key: item_dependencies(item.data, field) for item in items}
     for item in items:
-        unknown = sorted(depends[item.key] - by_key.keys())
+        unknown = sorted(set(depends[item.key]) - by_key.keys())
         if unknown:
             raise DependencyError(f"item {item.key!r} depends on {unknown[0]!r}, which is not "
                                   "a valid item of the batch")
-    waiting = {key: len(deps) for key, deps in depends.items()}
-    dependants: dict[str, list[str]] = {}
-    for key, deps in depends.items():
-        for dep in deps:
-            dependants.setdefault(dep, []).append(key)
-    ready = [(item.seq, item.key) for item in items if not waiting[item.key]]
+    sorter = graphlib.TopologicalSorter(depends)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as exc:
+        raise DependencyError(f"dependency cycle: {describe_cycle(exc.args[1])} (each "
+                              "depends on the next)") from exc
+    ready = [(by_key[key].seq, key) for key in sorter.get_ready()]
     heapq.heapify(ready)
     ordered: list[Item] = []
     while ready:
         _, key = heapq.heappop(ready)
         ordered.append(by_key[key])
-        for dependant in dependants.get(key, []):
-            waiting[dependant] -= 1
-            if not waiting[dependant]:
-                heapq.heappush(ready, (by_key[dependant].seq, dependant))
-    if len(ordered) < len(items):
-        cycle = " -> ".join(find_cycle(depends, waiting))
-        raise DependencyError(f"dependency cycle: {cycle} (each depends on the next)")
+        sorter.done(key)
+        for now_ready in sorter.get_ready():
+            heapq.heappush(ready, (by_key[now_ready].seq, now_ready))
     return ordered
 
 
-def find_cycle(depends: dict[str, set[str]], waiting: dict[str, int]) -> list[str]:
-    """One cycle among the items left waiting (each waits for another that waits)."""
-    stuck = {key for key, count in waiting.items() if count}
-    path: list[str] = []
-    seen: dict[str, int] = {}
-    key = min(stuck)
-    while key not in seen:
-        seen[key] = len(path)
-        path.append(key)
-        key = min(dep for dep in depends[key] if dep in stuck)
-    return [repr(k) for k in [*path[seen[key]:], key]]
+def describe_cycle(cycle: list[str]) -> str:
+    """graphlib's cycle (each a dependency of the next) as `'a' -> 'b' -> 'a'`, each item
+    depending on the next, starting from the smallest key so the message is stable."""
+    keys = list(reversed(cycle[:-1]))
+    start = keys.index(min(keys))
+    keys = keys[start:] + keys[:start]
+    return " -> ".join(repr(k) for k in [*keys, keys[0]])
 
 
-def dependency_chunk(spool: ItemSpool, field: str | None, invalid: int = 0) -> Chunk:
-    """All items in one chunk, in dependency order: the slot runner can only hold an item
-    back until its dependencies are done if they are in the same step."""
-    items = list(spool.items())
-    return Chunk(0, dependency_order(items, field), spool.count, invalid)
+def dependency_chunk(spool: ItemSpool, field: str | None, invalid: int = 0) -> ChunkRef:
+    """All items in one chunk (the engine holds an item back until its dependencies are
+    done); checked first, so a cycle or an unknown key fails before any phase runs."""
+    dependency_order(list(spool.items()), field)
+    (ref,) = spool.refs(max(1, spool.count), invalid)
+    return ref

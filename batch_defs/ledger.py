@@ -7,10 +7,9 @@ stored outputs. Writes are batched by the caller (`record` takes many rows in on
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +17,10 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from batch_defs.states import FAILURE_STATUSES, ItemStatus, RunState, SkipCause, StopKind
+
 SOURCE_PHASE = "_source"  # rows for items rejected before any phase ran (status invalid)
-STATUSES = ("succeeded", "failed", "skipped", "invalid", "rejected")
-# Statuses that count against tolerated_failures (skipped is a handler's choice, not a failure).
-FAILURE_STATUSES = ("failed", "invalid", "rejected")
+STATUSES = tuple(ItemStatus)
 
 metadata = sa.MetaData()
 
@@ -101,17 +100,52 @@ _UPDATED_ON_CONFLICT = [c for c in ITEM_COLUMNS if c not in ("run_id", "phase", 
 
 
 @dataclass(frozen=True)
-class RunState:
+class StopRequest:
+    """Why a batch stops starting items: the kind (a type) and the reason (for people)."""
+
+    kind: StopKind
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """What a step needs to know about its run before starting items, read in one query."""
+
     exists: bool = False  # the run has its batch_run row
-    stop_reason: str | None = None
+    stop: StopRequest | None = None
     failed_items: int = 0
     spent_cost: float = 0.0  # in the whole partition, across runs
     spent_tokens: int = 0
 
 
-def stop_kind(reason: str | None) -> str | None:
-    """fail_fast, paused, canceled or budget: the word before the reason's first colon."""
-    return reason.split(":", 1)[0] if reason else None
+@dataclass(frozen=True)
+class LeaseHolder:
+    """The run that holds a partition, and where it runs."""
+
+    run_id: str
+    host: str
+    pid: int
+    acquired_at: float
+    heartbeat_at: float
+
+
+@dataclass(frozen=True)
+class KnownOutcome:
+    """An item's outcome for a phase that a run can build on: its own (any status), or a
+    success of an earlier run of the partition (`other_run`), which it reuses."""
+
+    status: ItemStatus
+    output: Any
+    skip_cause: SkipCause | None
+    run_id: str  # the run that executed it
+    other_run: bool
+
+
+class LedgerWriteError(RuntimeError):
+    """Outcomes the ledger could not store even one by one; the step must fail."""
 
 
 def to_json(value: Any) -> str | None:
@@ -119,22 +153,24 @@ def to_json(value: Any) -> str | None:
 
 
 class Ledger:
-    """Access to the ledger tables in one database; safe to share between threads."""
+    """Access to the ledger tables in one database; safe to share between threads.
 
-    _engines: dict[str, sa.Engine] = {}
-    _lock = threading.Lock()
+    A Ledger owns its engine (connection pool): whoever opens one closes it (`close()`, or use
+    it as a context manager); the batch_storage resource does so once per run.
+    """
 
     def __init__(self, url: str):
         self.url = url
-        self.engine = self._engine(url)
+        self.engine = _create_engine(url)
 
-    @classmethod
-    def _engine(cls, url: str) -> sa.Engine:
-        # One engine (and connection pool) per URL and process: ops reuse connections.
-        with cls._lock:
-            if url not in cls._engines:
-                cls._engines[url] = _create_engine(url)
-            return cls._engines[url]
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     @property
     def queries(self) -> int:
@@ -156,31 +192,78 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(stmt)
 
-    def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Upsert finished item rows in one statement (a step retry may write a row again)."""
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Upsert finished item rows in one statement (a step retry may write a row again).
+
+        The ledger never refuses what it is given: text is made storable first, and if the
+        database still rejects the statement, rows are written one by one, a row that fails
+        alone being stored as a failure that says why (so a re-run redoes the item). Returns
+        the keys stored that way; raises LedgerWriteError only if even that fails.
+        """
         if not rows:
-            return
+            return set()
+        prepared = [_row(r) for r in rows]
+        try:
+            self._upsert(prepared)
+            return set()
+        except sa.exc.SQLAlchemyError:
+            return self._record_one_by_one(prepared)
+
+    def _upsert(self, rows: list[dict[str, Any]]) -> None:
         stmt = self._insert(item_table)
         stmt = stmt.on_conflict_do_update(
             index_elements=["run_id", "phase", "item_key"],
             set_={c: stmt.excluded[c] for c in _UPDATED_ON_CONFLICT},
         )
         with self.engine.begin() as conn:
-            conn.execute(stmt, [_row(r) for r in rows])
+            conn.execute(stmt, rows)
 
-    def succeeded(self, batch: str, partition: str, phase: str,
-                  keys: Sequence[str]) -> dict[str, tuple[str, Any]]:
-        """item key -> (run id, output) for keys already succeeded in this partition."""
-        found: dict[str, tuple[str, Any]] = {}
+    def _record_one_by_one(self, rows: list[dict[str, Any]]) -> set[str]:
+        degraded: set[str] = set()
+        lost: list[str] = []
+        for row in rows:
+            try:
+                self._upsert([row])
+                continue
+            except sa.exc.SQLAlchemyError as exc:
+                problem = _first_line(exc)
+            try:
+                self._upsert([_unstorable(row, problem)])
+                degraded.add(row["item_key"])
+            except sa.exc.SQLAlchemyError as exc:
+                lost.append(f"{row['item_key']!r} ({_first_line(exc)})")
+        if lost:
+            raise LedgerWriteError(f"the ledger could not store the outcome of {len(lost)} "
+                                   f"item(s): {', '.join(lost[:5])}")
+        return degraded
+
+    def known_outcomes(self, batch: str, partition: str, run_id: str, phases: Sequence[str],
+                       keys: Sequence[str]) -> dict[tuple[int, str], KnownOutcome]:
+        """(phase index, key) -> what `run_id` can build on for these items: its own rows,
+        else successes (and `when:` skips) of earlier runs of the partition."""
         t = item_table.c
+        index = {phase: i for i, phase in enumerate(phases)}
+        reusable = sa.or_(t.status == ItemStatus.SUCCEEDED.value,
+                          sa.and_(t.status == ItemStatus.SKIPPED.value,
+                                  t.skip_cause == SkipCause.CONDITION.value))
+        found: dict[tuple[int, str], KnownOutcome] = {}
         for start in range(0, len(keys), 900):
-            query = sa.select(t.item_key, t.run_id, t.reused_from, t.output).where(
-                t.batch == batch, t.partition == partition, t.phase == phase,
-                t.status == "succeeded", t.item_key.in_(keys[start:start + 900]),
-            )
+            query = (sa.select(t.phase, t.item_key, t.run_id, t.reused_from, t.status, t.output,
+                               t.skip_cause)
+                     .where(t.batch == batch, t.partition == partition,
+                            t.phase.in_(list(phases)), t.item_key.in_(keys[start:start + 900]),
+                            sa.or_(t.run_id == run_id, reusable))
+                     .order_by(t.id))
             with self.engine.connect() as conn:
-                for key, run_id, reused_from, output in conn.execute(query):
-                    found[key] = (reused_from or run_id, json.loads(output) if output else None)
+                for phase, key, row_run, reused_from, status, output, cause in conn.execute(query):
+                    slot = (index[phase], key)
+                    own = row_run == run_id
+                    if slot in found and not own and not found[slot].other_run:
+                        continue  # this run's own outcome wins over earlier runs'
+                    found[slot] = KnownOutcome(
+                        ItemStatus(status), json.loads(output) if output else None,
+                        SkipCause(cause) if cause else None,
+                        row_run if own else (reused_from or row_run), not own)
         return found
 
     def run(self, run_id: str) -> dict[str, Any] | None:
@@ -200,13 +283,14 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
-    def request_stop(self, run_id: str, reason: str) -> None:
+    def request_stop(self, run_id: str, stop: StopRequest) -> None:
+        """Record the first stop of a run; later ones do not replace it."""
         with self.engine.begin() as conn:
             conn.execute(run_table.update().where(run_table.c.run_id == run_id,
-                                                  run_table.c.stop_reason.is_(None))
-                         .values(stop_reason=reason))
+                                                  run_table.c.stop_kind.is_(None))
+                         .values(stop_kind=stop.kind.value, stop_reason=stop.reason))
 
-    def run_state(self, run_id: str) -> RunState:
+    def run_state(self, run_id: str) -> RunSnapshot:
         """What a step needs to know before starting items, in one query."""
         t, r = item_table.c, run_table.c
         failed = (sa.select(sa.func.count(sa.distinct(t.item_key)))
@@ -217,28 +301,94 @@ class Ledger:
         paid = (t.batch == r.batch, t.partition == r.partition, t.reused_from.is_(None))
         cost = sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0)).where(*paid)
         tokens = sa.select(sa.func.coalesce(sa.func.sum(t.tokens), 0)).where(*paid)
-        query = sa.select(r.stop_reason, failed, cost.scalar_subquery(),
+        query = sa.select(r.stop_kind, r.stop_reason, failed, cost.scalar_subquery(),
                           tokens.scalar_subquery()).where(r.run_id == run_id)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
-            return RunState()
-        return RunState(True, row[0], int(row[1]), float(row[2]), int(row[3]))
+            return RunSnapshot()
+        stop = StopRequest(StopKind(row[0]), row[1] or row[0]) if row[0] else None
+        return RunSnapshot(True, stop, int(row[2]), float(row[3]), int(row[4]))
 
-    def stop_reason(self, run_id: str) -> str | None:
+    def stop_request(self, run_id: str) -> StopRequest | None:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(run_table.c.stop_reason)
-                                .where(run_table.c.run_id == run_id)).scalar()
+            row = conn.execute(sa.select(run_table.c.stop_kind, run_table.c.stop_reason)
+                               .where(run_table.c.run_id == run_id)).first()
+        return StopRequest(StopKind(row[0]), row[1] or row[0]) if row and row[0] else None
 
-    def set_status(self, run_id: str, status: str) -> None:
+    def set_status(self, run_id: str, status: RunState,
+                   only_if: Sequence[RunState] = ()) -> None:
+        """Set a run's state; with `only_if`, only when it is currently one of those."""
+        query = run_table.update().where(run_table.c.run_id == run_id)
+        if only_if:
+            query = query.where(run_table.c.status.in_([s.value for s in only_if]))
         with self.engine.begin() as conn:
-            conn.execute(run_table.update().where(run_table.c.run_id == run_id)
-                         .values(status=status))
+            conn.execute(query.values(status=status.value))
 
-    def finish_run(self, run_id: str, status: str, summary: Mapping[str, Any]) -> None:
+    def finish_run(self, run_id: str, status: RunState, summary: Mapping[str, Any]) -> None:
         with self.engine.begin() as conn:
             conn.execute(run_table.update().where(run_table.c.run_id == run_id).values(
-                status=status, finished_at=time.time(), summary=to_json(summary)))
+                status=status.value, finished_at=time.time(), summary=to_json(summary)))
+
+    def save_summary(self, run_id: str, summary: Mapping[str, Any]) -> None:
+        """Keep the summary while the run goes on (after steps, results): not yet its end."""
+        with self.engine.begin() as conn:
+            conn.execute(run_table.update().where(run_table.c.run_id == run_id)
+                         .values(summary=to_json(summary)))
+
+    # The partition lease: one live run per (batch, partition), whichever door launched it.
+
+    def lease_holder(self, batch: str, partition: str) -> LeaseHolder | None:
+        t = lease_table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.run_id, t.host, t.pid, t.acquired_at, t.heartbeat_at)
+                               .where(t.batch == batch, t.partition == partition)).first()
+        return LeaseHolder(*row) if row else None
+
+    def acquire_lease(self, batch: str, partition: str, run_id: str, host: str, pid: int,
+                      is_live: Callable[[LeaseHolder], bool]) -> LeaseHolder | None:
+        """Take the partition for `run_id`: None when it is ours now, else the live run that
+        holds it. A holder that `is_live` says is gone is replaced by compare-and-swap, so two
+        runs taking over the same dead lease cannot both win."""
+        t = lease_table.c
+        now = time.time()
+        mine = {"run_id": run_id, "host": host, "pid": pid, "heartbeat_at": now}
+        for _ in range(5):
+            insert = self._insert(lease_table).values(
+                batch=batch, partition=partition, acquired_at=now, **mine
+            ).on_conflict_do_nothing(index_elements=["batch", "partition"])
+            with self.engine.begin() as conn:
+                if conn.execute(insert).rowcount:
+                    return None
+            holder = self.lease_holder(batch, partition)
+            if holder is None:
+                continue
+            if holder.run_id != run_id and is_live(holder):
+                return holder
+            values = mine if holder.run_id != run_id else {"host": host, "pid": pid,
+                                                          "heartbeat_at": now}
+            if holder.run_id != run_id:
+                values = {**values, "acquired_at": now}
+            swap = lease_table.update().where(
+                t.batch == batch, t.partition == partition, t.run_id == holder.run_id,
+                t.heartbeat_at == holder.heartbeat_at).values(**values)
+            with self.engine.begin() as conn:
+                if conn.execute(swap).rowcount:
+                    return None
+        return self.lease_holder(batch, partition)
+
+    def heartbeat(self, batch: str, partition: str, run_id: str) -> None:
+        t = lease_table.c
+        with self.engine.begin() as conn:
+            conn.execute(lease_table.update().where(
+                t.batch == batch, t.partition == partition, t.run_id == run_id)
+                .values(heartbeat_at=time.time()))
+
+    def release_lease(self, batch: str, partition: str, run_id: str) -> None:
+        t = lease_table.c
+        with self.engine.begin() as conn:
+            conn.execute(lease_table.delete().where(
+                t.batch == batch, t.partition == partition, t.run_id == run_id))
 
     def counts(self, run_id: str) -> dict[tuple[str, str], int]:
         """(phase, status) -> number of items, for one run."""
@@ -256,51 +406,27 @@ class Ledger:
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar() or 0)
 
-    def carry_over(self, run_id: str, lineage: Iterable[str]) -> int:
-        """Copy rows of earlier runs in the lineage that this run did not execute itself,
-        except failures: those items are retried, not inherited.
-
-        Re-execution from failure skips steps that succeeded before; copying their rows keeps
-        each run's rows a complete picture of its partition.
-        """
-        copied = 0
+    def carry_invalid(self, run_id: str, lineage: Iterable[str]) -> int:
+        """Copy the invalid source rows of the nearest earlier run in the lineage, when this
+        run's fan-out did not run again (a re-execution from failure): they are facts about
+        the source, and each run's rows are a complete picture of its partition."""
         t = item_table
-        for earlier in lineage:
-            own = t.alias("own")
-            exists_in_run = sa.select(own.c.id).where(
-                own.c.run_id == run_id, own.c.phase == t.c.phase, own.c.item_key == t.c.item_key)
-            columns = [c for c in ITEM_COLUMNS if c not in ("run_id", "reused_from")]
-            select = sa.select(
-                *[t.c[c] for c in columns], sa.literal(run_id),
-                sa.func.coalesce(t.c.reused_from, t.c.run_id),
-            ).where(t.c.run_id == earlier, t.c.status != "failed", ~sa.exists(exists_in_run))
-            stmt = t.insert().from_select([*columns, "run_id", "reused_from"], select)
-            with self.engine.begin() as conn:
-                copied += conn.execute(stmt).rowcount or 0
-        return copied
-
-    def item_states(self, run_id: str) -> dict[str, dict[str, str]]:
-        """item key -> {phase: status} for one run."""
-        t = item_table.c
-        states: dict[str, dict[str, str]] = {}
-        query = sa.select(t.item_key, t.phase, t.status).where(t.run_id == run_id)
         with self.engine.connect() as conn:
-            for key, phase, status in conn.execute(query):
-                states.setdefault(key, {})[phase] = status
-        return states
-
-    def outputs(self, run_id: str, phase: str, keys: Sequence[str]) -> dict[str, Any]:
-        """item key -> stored output of a phase, for items that succeeded in it."""
-        t = item_table.c
-        found: dict[str, Any] = {}
-        for start in range(0, len(keys), 900):
-            query = sa.select(t.item_key, t.output).where(
-                t.run_id == run_id, t.phase == phase, t.status == "succeeded",
-                t.item_key.in_(keys[start:start + 900]))
-            with self.engine.connect() as conn:
-                for key, output in conn.execute(query):
-                    found[key] = json.loads(output) if output else {}
-        return found
+            own = conn.execute(sa.select(sa.func.count()).select_from(t).where(
+                t.c.run_id == run_id, t.c.phase == SOURCE_PHASE)).scalar()
+        if own:
+            return 0
+        columns = [c for c in ITEM_COLUMNS if c not in ("run_id", "reused_from")]
+        for earlier in lineage:
+            select = sa.select(*[t.c[c] for c in columns], sa.literal(run_id),
+                               sa.func.coalesce(t.c.reused_from, t.c.run_id)).where(
+                t.c.run_id == earlier, t.c.phase == SOURCE_PHASE)
+            with self.engine.begin() as conn:
+                copied = conn.execute(t.insert().from_select(
+                    [*columns, "run_id", "reused_from"], select)).rowcount or 0
+            if copied:
+                return copied
+        return 0
 
     def recall(self, key: str) -> Any | None:
         """The effect journal (TaskContext.recall/remember): side effects done per item."""
@@ -330,8 +456,14 @@ class Ledger:
         if phase:
             query = query.where(t.phase == phase)
         with self.engine.connect() as conn:
-            return pd.DataFrame(conn.execute(query).mappings().all(),
-                                columns=[c.name for c in columns])
+            frame = pd.DataFrame(conn.execute(query).mappings().all(),
+                                 columns=[c.name for c in columns])
+        # Text columns keep None for "no value" (pandas would show NaN: "nan" in tables).
+        for column in columns:
+            if isinstance(column.type, sa.String | sa.Text):
+                frame[column.name] = frame[column.name].astype(object).where(
+                    frame[column.name].notna(), None)
+        return frame
 
     def count_rows(self, run_id: str) -> int:
         with self.engine.connect() as conn:
@@ -339,15 +471,47 @@ class Ledger:
                                     .where(item_table.c.run_id == run_id)).scalar() or 0)
 
 
+TEXT_COLUMNS = ("batch", "partition", "run_id", "phase", "item_key", "status", "error",
+                "reused_from", "worker", "skip_cause")
+
+
+def storable(text: str) -> str:
+    """Text every database takes: NUL (which Postgres refuses) spelled out, and characters
+    UTF-8 cannot encode (lone surrogates) replaced."""
+    text = text.replace("\x00", "\\0")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _row(row: Mapping[str, Any]) -> dict[str, Any]:
+    from batch_defs.secrets import mask
+
     out = {c: row.get(c) for c in ITEM_COLUMNS}
     for column in ("input", "output", "attempt_log"):
         if out[column] is not None and not isinstance(out[column], str):
             out[column] = to_json(out[column])
+    for column in (*TEXT_COLUMNS, *HEAVY_COLUMNS):
+        value = out[column]
+        if isinstance(value, str):
+            out[column] = storable(value)
+    # Secrets a server echoed back must not be kept, nor shown by reports and the CLI.
+    out["error"] = mask(out["error"])
+    out["attempt_log"] = mask(out["attempt_log"])
     out["attempts"] = out["attempts"] or 0
     out["cost"] = out["cost"] or 0.0
     out["tokens"] = out["tokens"] or 0
     return out
+
+
+def _unstorable(row: dict[str, Any], problem: str) -> dict[str, Any]:
+    """A row the database refused, reduced to a failure that names the reason."""
+    return {**row, "status": ItemStatus.FAILED.value, "input": None, "output": None,
+            "attempt_log": None, "skip_cause": None,
+            "error": storable(f"the ledger could not store this outcome: {problem}")}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _create_engine(url: str) -> sa.Engine:
@@ -357,7 +521,9 @@ def _create_engine(url: str) -> sa.Engine:
     def _count(*_args: Any) -> None:
         _queries[url] += 1
 
-    metadata.create_all(engine)
+    from batch_defs.schema import upgrade
+
+    upgrade(engine)
     return engine
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,48 @@ class SpecError(ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+COMPONENT_FILE = "defs.yaml"  # a batch as a Dagster component: NAME/defs.yaml
+COMPONENT_TYPE = "batch_defs.components.Batch"
+
+
 @dataclass(frozen=True, eq=False)  # hashed by identity: cached effective specs key on it
 class LoadedBatch:
     spec: BatchSpec
-    path: Path
+    path: Path  # NAME.yaml, or NAME/defs.yaml for a batch written as a component
+    # What the batch needs but this installation lacks (an optional extra): it loads, shows
+    # why, and fails when it runs.
+    notices: tuple[SpecProblem, ...] = ()
 
     @property
     def base_dir(self) -> Path:
-        return self.path.parent
+        """Relative paths in the spec resolve against this folder."""
+        return (self.path.parent / self.spec.base_dir).resolve() if self.spec.base_dir \
+            else self.path.parent
+
+
+@dataclass(frozen=True)
+class BrokenBatch:
+    """A batch file that does not load, and why; every other batch loads without it."""
+
+    name: str  # from its file (or folder) name
+    path: Path
+    problems: tuple[SpecProblem, ...]
+
+    def describe(self) -> str:
+        return "; ".join(str(p) for p in self.problems)
+
+
+@dataclass
+class Catalog:
+    """Every batch file found: those that load, and those that do not."""
+
+    batches: dict[str, LoadedBatch] = field(default_factory=dict)
+    broken: list[BrokenBatch] = field(default_factory=list)
+
+
+def batch_name_of(path: Path) -> str:
+    """A batch's name as its file says it: NAME.yaml, or NAME/defs.yaml."""
+    return path.parent.name if path.name == COMPONENT_FILE else path.stem
 
 
 def batch_folders() -> list[Path]:
@@ -57,11 +91,15 @@ def batch_folders() -> list[Path]:
 
 
 def batch_files(paths: Iterable[Path] | None = None) -> list[Path]:
+    """Batch files in the given files and folders: NAME.yaml (or .yml), and NAME/defs.yaml
+    (a batch written as a Dagster component), sorted by batch name."""
     files: list[Path] = []
     for path in paths if paths is not None else batch_folders():
         path = Path(path)
         if path.is_dir():
-            files.extend(sorted(p for p in path.glob("*.y*ml") if p.suffix in (".yaml", ".yml")))
+            found = [p for p in path.glob("*.y*ml") if p.suffix in (".yaml", ".yml")]
+            found += list(path.glob(f"*/{COMPONENT_FILE}"))
+            files.extend(sorted(found, key=lambda p: (batch_name_of(p), str(p))))
         else:
             files.append(path)
     return files
@@ -118,7 +156,20 @@ def _message(error: Any) -> str:
 
 def parse_batch(text: str, path: Path) -> BatchSpec:
     """Parse YAML text of one batch; raise SpecError naming file, line and field."""
-    display = path.name
+    return parse_batch_file(text, path)[0]
+
+
+def parse_batch_file(text: str, path: Path) -> tuple[BatchSpec, list[SpecProblem]]:
+    """(spec, notices) of a batch file of either shape; SpecError naming file, line and
+    field for what is wrong."""
+    display = path.name if path.name != COMPONENT_FILE else f"{path.parent.name}/{path.name}"
+    root, data = _parse_yaml(text, display)
+    if path.name == COMPONENT_FILE:
+        root, data = _component_attributes(root, data, display)
+    return validate_batch_data(data, root, path, display)
+
+
+def _parse_yaml(text: str, display: str) -> tuple[yaml.Node | None, Any]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -126,8 +177,42 @@ def parse_batch(text: str, path: Path) -> BatchSpec:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         raise SpecError([SpecProblem(display, line, "", f"invalid YAML: {exc.problem}")]) from exc
+    return root, data
+
+
+def _component_attributes(root: yaml.Node | None, data: Any,
+                          display: str) -> tuple[yaml.Node | None, Any]:
+    """The batch spec inside a component file (`type:` + `attributes:`)."""
+    if not isinstance(data, dict):
+        raise SpecError([SpecProblem(display, 1, "", "a defs.yaml must be a YAML mapping with "
+                                                     f"type: {COMPONENT_TYPE} and attributes")])
+    problems = []
+    if data.get("type") != COMPONENT_TYPE:
+        problems.append(SpecProblem(display, _line_of(root, ["type"]), "type",
+                                    f"must be {COMPONENT_TYPE}"))
+    unknown = sorted(set(data) - {"type", "attributes"})
+    problems += [SpecProblem(display, _line_of(root, [key]), key, "unknown field")
+                 for key in unknown]
+    if not isinstance(data.get("attributes"), dict):
+        problems.append(SpecProblem(display, _line_of(root, ["attributes"]), "attributes",
+                                    "must be a mapping: the batch spec"))
+    if problems:
+        raise SpecError(problems)
+    node = None
+    if isinstance(root, yaml.MappingNode):
+        node = next((v for k, v in root.value if k.value == "attributes"), None)
+    return node, data["attributes"]
+
+
+def validate_batch_data(data: Any, root: yaml.Node | None, path: Path,
+                        display: str | None = None) -> tuple[BatchSpec, list[SpecProblem]]:
+    """A batch spec from parsed YAML data: (spec, notices); SpecError for what is wrong."""
+    display = display or path.name
+    name = batch_name_of(path)
     if not isinstance(data, dict):
         raise SpecError([SpecProblem(display, 1, "", "a batch file must be a YAML mapping")])
+    if path.name == COMPONENT_FILE:
+        data = {"name": name, **data}  # a component's name is its folder's
     try:
         spec = BatchSpec.model_validate(data)
     except ValidationError as exc:
@@ -138,51 +223,67 @@ def parse_batch(text: str, path: Path) -> BatchSpec:
             problems.append(SpecProblem(display, line, format_loc(loc), _message(error)))
         raise SpecError(problems) from exc
     problems = []
-    if spec.name != path.stem:
+    if spec.name != name:
+        what = "folder" if path.name == COMPONENT_FILE else "file"
         problems.append(
             SpecProblem(display, _line_of(root, ["name"]), "name",
-                        f"must equal the file name {path.stem!r}")
+                        f"must equal the {what} name {name!r}")
         )
     from batch_defs.tasks import check_spec_tasks  # tasks import the loader's types
 
-    for loc, message in check_spec_tasks(spec, path.parent):
+    base_dir = (path.parent / spec.base_dir).resolve() if spec.base_dir else path.parent
+    checked = check_spec_tasks(spec, base_dir)
+    for loc, message in checked.problems:
         problems.append(SpecProblem(display, _line_of(root, loc), format_loc(loc), message))
     if problems:
         raise SpecError(problems)
-    return spec
+    notices = [SpecProblem(display, _line_of(root, loc), format_loc(loc), message)
+               for loc, message in checked.notices]
+    return spec, notices
 
 
 def load_batch(path: Path) -> LoadedBatch:
     path = Path(path).resolve()
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError([SpecProblem(str(path), None, "", f"cannot read: {exc.strerror}")]) from exc
-    return LoadedBatch(parse_batch(text, path), path)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 ({exc.reason})"
+        raise SpecError([SpecProblem(str(path), None, "", f"cannot read: {reason}")]) from exc
+    spec, notices = parse_batch_file(text, path)
+    return LoadedBatch(spec, path, tuple(notices))
 
 
-def load_batches(paths: Iterable[Path] | None = None) -> dict[str, LoadedBatch]:
-    """Load every batch file; collect the problems of all files into one SpecError."""
-    batches: dict[str, LoadedBatch] = {}
-    problems: list[SpecProblem] = []
+def load_catalog(paths: Iterable[Path] | None = None) -> Catalog:
+    """Every batch file: a bad one (invalid YAML, a wrong field, a name used twice) is kept
+    with its problems and never stops the others from loading."""
+    catalog = Catalog()
     for file in batch_files(paths):
         try:
             loaded = load_batch(file)
         except SpecError as exc:
-            problems.extend(exc.problems)
+            catalog.broken.append(BrokenBatch(batch_name_of(file), file, tuple(exc.problems)))
             continue
-        if loaded.spec.name in batches:
-            problems.append(SpecProblem(file.name, None, "name",
-                                        f"batch {loaded.spec.name!r} is defined twice"))
-        batches[loaded.spec.name] = loaded
-    if problems:
-        raise SpecError(problems)
-    return batches
+        name = loaded.spec.name
+        if name in catalog.batches:
+            first = catalog.batches[name].path
+            catalog.broken.append(BrokenBatch(name, file, (SpecProblem(
+                file.name, None, "name", f"batch {name!r} is defined twice (first in {first})"),)))
+            continue
+        catalog.batches[name] = loaded
+    return catalog
+
+
+def load_batches(paths: Iterable[Path] | None = None) -> dict[str, LoadedBatch]:
+    """Every batch file; SpecError listing the problems of every file that does not load."""
+    catalog = load_catalog(paths)
+    if catalog.broken:
+        raise SpecError([p for broken in catalog.broken for p in broken.problems])
+    return catalog.batches
 
 
 def find_batch(name: str) -> LoadedBatch:
     for file in batch_files():
-        if file.stem == name:
+        if batch_name_of(file) == name:
             return load_batch(file)
     folders = ", ".join(str(f) for f in batch_folders())
     raise SpecError([SpecProblem(name, None, "", f"no batch named {name!r} in {folders}")])
@@ -245,9 +346,10 @@ def with_overrides(spec: BatchSpec, data: str | Path | None = None,
         except (IndexError, KeyError, TypeError, ValueError) as exc:
             raise SpecError([SpecProblem("--set", None, dotted, f"no such field ({exc})")]) from exc
     try:
-        return BatchSpec.model_validate(raw)
+        changed = BatchSpec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError([
             SpecProblem("--set", None, format_loc(_clean_loc(e["loc"])), _message(e))
             for e in exc.errors()
         ]) from exc
+    return changed

@@ -218,6 +218,10 @@ class NotifySpec(StrictModel):
 class BatchSpec(StrictModel):
     name: Name
     description: str = ""
+    # Folder that relative paths resolve against, relative to the batch file's own folder
+    # (default: that folder). `batch-defs migrate` sets ".." when it moves a file into a
+    # component folder, so the paths it holds keep working.
+    base_dir: str | None = None
     source: SourceSpec
     phases: list[PhaseSpec] = Field(min_length=1)
     options: OptionsSpec = Field(default_factory=OptionsSpec)

@@ -17,9 +17,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
+from batch_defs.control import effective_state
 from batch_defs.ledger import Ledger
 from batch_defs.progress import FINAL_FAILURES, ProgressWindow, format_duration
+from batch_defs.states import RunState
 from batch_defs.summary import summarize_run
 
 REFRESH_S = 0.5
@@ -103,7 +106,9 @@ def run_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
                        for key, value in produced.items()}
     report["status"] = dagster_run.status.value if dagster_run else "UNKNOWN"
     report["job"] = dagster_run.job_name if dagster_run else None
-    report["state"] = dagster_run.tags.get("batch/state") if dagster_run else None
+    recorded = run["status"] if run else (dagster_run.tags.get("batch/state")
+                                           if dagster_run else None)
+    report["state"] = effective_state(dagster_run, recorded).value
     if dagster_run and "partition" not in report:
         report["partition"] = dagster_run.tags.get("dagster/partition")
     report["step_failures"] = step_failures(instance, run_id)
@@ -117,9 +122,13 @@ def step_failures(instance: Any, run_id: str) -> list[dict[str, str]]:
     failures = []
     for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
         event = record.dagster_event
-        error = event.step_failure_data.error if event and event.step_failure_data else None
-        message = error.message.strip() if error else "failed"
-        message = message.removeprefix("dagster._core.definitions.events.Failure: ")
+        data = event.step_failure_data if event else None
+        if data and data.user_failure_data and data.user_failure_data.description:
+            message = data.user_failure_data.description  # a dg.Failure's own words
+        elif data and data.error:
+            message = f"{data.error.cls_name}: {data.error.message.strip()}"
+        else:
+            message = "failed"
         failures.append({"step": record.step_key or "", "error": message.splitlines()[0]})
     return failures
 
@@ -130,7 +139,7 @@ def _step_failure_table(failures: list[dict[str, str]]) -> list[Table]:
     table = Table("step", "error", title="failed steps")
     table.columns[1].overflow = "fold"
     for failure in failures[:10]:
-        table.add_row(failure["step"], failure["error"])
+        table.add_row(Text(failure["step"]), Text(failure["error"]))
     return [table]
 
 
@@ -139,10 +148,11 @@ def render_report(report: dict[str, Any]) -> Group:
     head.add_column(no_wrap=True)
     head.add_column(overflow="fold")
     head.add_row("run", report["run_id"])
-    head.add_row("batch / partition", f"{report.get('batch') or report.get('job')} / "
-                                      f"{report.get('partition', '-')}")
+    head.add_row("batch / partition", Text(f"{report.get('batch') or report.get('job')} / "
+                                           f"{report.get('partition', '-')}"))
     color = "green" if report["status"] == "SUCCESS" else "red"
-    state = f" ({report['state']})" if report.get("state") in ("paused", "canceled") else ""
+    state = f" ({report['state']})" if report.get("state") in (RunState.PAUSED,
+                                                               RunState.CANCELED) else ""
     head.add_row("status", f"[{color}]{report['status']}{state}[/{color}]")
     errors = _step_failure_table(report.get("step_failures", []))
     if "items" not in report:
@@ -154,9 +164,9 @@ def render_report(report: dict[str, Any]) -> Group:
     if report["cost"] or report["tokens"]:
         head.add_row("cost", f"{report['cost']} ({report['tokens']} tokens)")
     for name, path in report.get("files", {}).items():
-        head.add_row(name, str(path))
+        head.add_row(Text(name), Text(str(path)))
     if report.get("stop_reason"):
-        head.add_row("stopped", report["stop_reason"])
+        head.add_row("stopped", Text(report["stop_reason"]))
     phases = Table("phase", "succeeded", "failed", "skipped", "invalid", title=None)
     for phase, counts in report["per_phase"].items():
         phases.add_row(phase, *(str(counts.get(s, 0)) for s in
@@ -166,7 +176,8 @@ def render_report(report: dict[str, Any]) -> Group:
         failures = Table("item", "phase", "status", "error", title="first failures")
         failures.columns[3].overflow = "fold"
         for f in report["failures"]:
-            failures.add_row(str(f["item_key"]), f["phase"], f["status"], str(f["error"]))
+            failures.add_row(Text(str(f["item_key"])), Text(f["phase"]), f["status"],
+                             Text(str(f["error"])))
         parts.append(failures)
         parts.append(f"all rows: batch-defs results {report['run_id']} --status failed")
     return Group(*parts)

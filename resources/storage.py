@@ -2,35 +2,91 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
-from pydantic import Field
+import yaml
+from pydantic import Field, PrivateAttr
 
+from batch_defs.engine import RunEngine
 from batch_defs.ledger import Ledger
 from batch_defs.loader import LoadedBatch, with_overrides
+from batch_defs.sources import expand_env
 from batch_defs.spec import BatchSpec
+
+SETTINGS_FILE = "batch_defs.yaml"  # beside dagster.yaml in DAGSTER_HOME
+
+
+def instance_settings(instance: dg.DagsterInstance) -> dict[str, Any]:
+    """The batch engine's own settings of an instance: DAGSTER_HOME/batch_defs.yaml.
+
+    Instance-level, so ops, the CLI, sensors and reports all read the same (run config could
+    not reach the CLI or the sensors)."""
+    path = Path(instance.root_directory) / SETTINGS_FILE
+    if not path.exists():
+        return {}
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping such as `ledger_url: ...`")
+    return loaded
 
 
 def instance_ledger_url(instance: dg.DagsterInstance) -> str:
-    """The instance's own Postgres database when it has one, else SQLite under DAGSTER_HOME."""
+    """`ledger_url` of the instance's settings (${env:NAME} allowed), else the instance's own
+    Postgres database when it has one, else SQLite under DAGSTER_HOME."""
+    configured = instance_settings(instance).get("ledger_url")
+    if configured:
+        return expand_env(str(configured))
     postgres_url = getattr(instance.run_storage, "postgres_url", None)
     if postgres_url:
         return postgres_url
     return f"sqlite:///{Path(instance.root_directory).resolve() / 'batch_ledger.db'}"
 
 
-class BatchStorageResource(dg.ConfigurableResource):
-    """Ledger database and output folder; empty fields follow the Dagster instance."""
+def open_ledger(instance: dg.DagsterInstance) -> Ledger:
+    """The instance's ledger; the caller closes it (or uses it in a `with`)."""
+    return Ledger(instance_ledger_url(instance))
 
-    ledger_url: str = Field(default="", description="SQLAlchemy URL of the item ledger; "
-                            "empty: the instance's Postgres database or SQLite in DAGSTER_HOME")
+
+class BatchStorageResource(dg.ConfigurableResource):
+    """The item ledger (configured once per instance: DAGSTER_HOME/batch_defs.yaml) and the
+    output folder. The resource owns the ledger's connections for the run and closes them."""
+
     output_dir: str = Field(default="", description="Root of files written by tasks; "
                             "empty: DAGSTER_HOME/batch_output")
+    _ledger: Ledger | None = PrivateAttr(default=None)
+    _engines: dict[str, RunEngine] = PrivateAttr(default_factory=dict)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.instance is not None:
+            self._ledger = open_ledger(context.instance)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        # The run (or, under the multiprocess executor, the step) is over here: in-flight
+        # items finish and are recorded before the ledger closes.
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    def engine(self, run_id: str, build: Callable[[], RunEngine]) -> RunEngine:
+        """The run's engine in this process: one pool of slots shared by its steps."""
+        with self._lock:
+            if run_id not in self._engines:
+                self._engines[run_id] = build()
+            return self._engines[run_id]
 
     def ledger(self, instance: dg.DagsterInstance) -> Ledger:
-        return Ledger(self.ledger_url or instance_ledger_url(instance))
+        if self._ledger is None:  # used outside a run (tests, scripts): opened on demand
+            self._ledger = open_ledger(instance)
+        return self._ledger
 
     def output_root(self, instance: dg.DagsterInstance, batch: str) -> Path:
         root = Path(self.output_dir) if self.output_dir else Path(

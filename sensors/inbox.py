@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.factory import BatchJob
 from batch_defs.loader import LoadedBatch
 from batch_defs.sources import resolve_path
 
@@ -36,7 +37,7 @@ def file_partition(path: Path, existing: set[str]) -> str:
 
 
 def build_inbox_sensor(loaded: LoadedBatch,
-                       job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+                       job: BatchJob) -> dg.SensorDefinition:
     spec = loaded.spec
     assert spec.sensor is not None
     partitions = dg.DynamicPartitionsDefinition(name=spec.name)

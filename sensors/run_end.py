@@ -6,25 +6,17 @@ from collections.abc import Mapping
 
 import dagster as dg
 
+from assets.factory import BatchJob
+from batch_defs.control import failure_message
 from batch_defs.loader import LoadedBatch
 from batch_defs.summary import summarize_run
 from resources.smtp import SmtpResource
-from resources.storage import BatchStorageResource
+from resources.storage import open_ledger
 from sensors.inbox import file_away
 from sensors.notify import payload, send_all
 
 ENDINGS = {dg.DagsterRunStatus.SUCCESS: "success", dg.DagsterRunStatus.FAILURE: "failure",
            dg.DagsterRunStatus.CANCELED: "canceled"}
-
-
-def failure_reason(instance: dg.DagsterInstance, run_id: str) -> str:
-    records = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
-    for record in records:
-        event = record.dagster_event
-        if event and event.step_failure_data and event.step_failure_data.error:
-            message = event.step_failure_data.error.message.strip()
-            return message.removeprefix("dagster._core.definitions.events.Failure: ")
-    return "the run failed"
 
 
 def handle_run_end(context: dg.RunStatusSensorContext, batches: Mapping[str, LoadedBatch],
@@ -36,7 +28,8 @@ def handle_run_end(context: dg.RunStatusSensorContext, batches: Mapping[str, Loa
     instance = context.instance
     state = run.tags.get("batch/state")
     event = state if state in ("paused", "canceled") else ENDINGS[run.status]
-    reason = failure_reason(instance, run.run_id) if event != "success" else None
+    reason = ((failure_message(instance, run.run_id) or "the run failed")
+              if event != "success" else None)
     inbox_file = run.tags.get("batch/inbox_file")
     if inbox_file and event != "paused":  # a paused run will be resumed: leave its file
         moved = file_away(inbox_file, event == "success", reason)
@@ -44,8 +37,8 @@ def handle_run_end(context: dg.RunStatusSensorContext, batches: Mapping[str, Loa
     notify = loaded.spec.notify
     if notify is None or event not in notify.on:
         return
-    ledger = BatchStorageResource().ledger(instance)
-    summary = summarize_run(ledger, run.run_id) if ledger.run(run.run_id) else None
+    with open_ledger(instance) as ledger:
+        summary = summarize_run(ledger, run.run_id) if ledger.run(run.run_id) else None
     data = payload(loaded.spec.name, run.tags.get("dagster/partition"), run.run_id,
                    run.status.value, event, summary)
     if reason and not data["stop_reason"]:
@@ -56,7 +49,7 @@ def handle_run_end(context: dg.RunStatusSensorContext, batches: Mapping[str, Loa
 
 
 def build_run_end_sensors(batches: Mapping[str, LoadedBatch],
-                          jobs: list[dg.UnresolvedAssetJobDefinition]) -> list:
+                          jobs: list[BatchJob]) -> list:
     """One run-status sensor per ending (success, failure, canceled) over all batch jobs."""
     sensors = []
     for status, name in ENDINGS.items():

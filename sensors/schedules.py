@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.factory import BatchJob
 from batch_defs.loader import LoadedBatch
 
 
 def build_schedule(loaded: LoadedBatch,
-                   job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+                   job: BatchJob) -> dg.ScheduleDefinition:
     spec = loaded.spec
     assert spec.schedule is not None
 

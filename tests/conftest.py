@@ -89,11 +89,6 @@ def fresh_pg_database() -> Iterator[str]:
     try:
         yield url
     finally:
-        from batch_defs.ledger import Ledger
-
-        engine = Ledger._engines.pop(url, None)
-        if engine is not None:
-            engine.dispose()
         with admin.connect() as conn:
             conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
         admin.dispose()
@@ -173,3 +168,29 @@ def cli_env(tmp_path: Path, batch_dir: Path) -> dict[str, str]:
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=240,
                           cwd=PROJECT)
+
+
+@pytest.fixture
+def unit_ledger(tmp_path: Path) -> Iterator[Any]:
+    """A ledger in a fresh SQLite file."""
+    from batch_defs.ledger import Ledger
+
+    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+        yield ledger
+
+
+def engine_plan(ledger: Any, handlers: list[Any], folder: Path, run_id: str = "run-1",
+                phases: list[dict] | None = None, partition: str = "p1", ahead: bool = True,
+                **options: Any) -> Any:
+    """A RunPlan for `handlers` (one phase each), for tests of the engine outside Dagster."""
+    from batch_defs.engine import RunPlan
+    from batch_defs.spec import BatchSpec
+
+    declared = phases or [{} for _ in handlers]
+    spec = BatchSpec.model_validate({
+        "name": "unit", "source": {"type": "inline", "items": []},
+        "phases": [{"name": f"phase{i}", "task": "python", "params": {"function": "m:f"},
+                    **extra} for i, extra in enumerate(declared)],
+        "options": options})
+    return RunPlan(spec, ledger, partition, run_id, folder, folder / "out", handlers,
+                   ahead=ahead)

@@ -64,7 +64,7 @@ def test_run_within_tolerance_succeeds_and_records_every_item(env: dict[str, str
     assert listed == [{"name": "scoring", "description": "scores items; some raise",
                        "phases": ["score", "publish"], "partitions": ["2026-11"],
                        "last_run_id": run_id, "last_status": "SUCCESS",
-                       "last_partition": "2026-11"}]
+                       "last_partition": "2026-11", "problem": None}]
 
 
 def test_run_beyond_tolerance_exits_non_zero(env: dict[str, str], batch_dir: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_defs.items import Item, ItemSpool, chunk_size, prepare_items
+from batch_defs.items import Item, ItemSpool, chunk_size, prepare_items, read_chunk
 from batch_defs.sources import RawRecord, SourceError, read_source
 from batch_defs.spec import CsvSourceSpec, JsonlSourceSpec, JsonSourceSpec
 
@@ -66,10 +66,12 @@ def test_spool_gives_chunks_with_stable_mapping_keys(tmp_path: Path) -> None:
     for item in prepare_items((RawRecord(i, {"id": i, "when": "x"}) for i in range(1, 26)),
                               "id", None, 100).items:
         spool.add(item)
-    chunks = list(spool.chunks(10, invalid=2))
-    assert chunks[2].items[-1] == Item("25", 25, {"id": 25, "when": "x"})
+    chunks = spool.refs(10, invalid=2)
+    assert read_chunk(chunks[2])[-1] == Item("25", 25, {"id": 25, "when": "x"})
     assert [c.mapping_key for c in chunks] == ["chunk_0000", "chunk_0001", "chunk_0002"]
-    assert [len(c.items) for c in chunks] == [10, 10, 5]
+    assert [[i.key for i in read_chunk(c)] for c in chunks] == [
+        [str(i) for i in range(1, 11)], [str(i) for i in range(11, 21)],
+        [str(i) for i in range(21, 26)]]
     assert chunks[0].total_items == 25 and chunks[0].tolerance_base == 27
 
 

@@ -129,7 +129,7 @@ def test_fail_fast_stops_starting_items(batch_dir: Path, instance: dg.DagsterIns
     # Nothing started after the failure; only items already in flight (< 5 slots) finished.
     assert (rows["started_at"] <= failure["finished_at"] + 0.01).all()
     assert (rows["finished_at"] > failure["finished_at"]).sum() <= 4
-    assert ledger(instance).stop_reason(result.run_id).startswith(
+    assert ledger(instance).stop_request(result.run_id).reason.startswith(
         "fail_fast: item '3' failed in phase 'score'")
 
 

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -100,7 +101,10 @@ def test_invoices_mail_each_invoice_once_across_a_resume(
     report = json.loads(first.stdout)
     # Beyond the one tolerated failure (the wrong total) fail_fast stops new items.
     assert report["failed_items"] >= 2
-    assert report["step_failures"][0]["error"].startswith("fail_fast: item 'INV-2026-00")
+    # The failure past the tolerance is one of the three bad invoices (which one comes
+    # second depends on how the slots interleave the phases).
+    assert re.match(r"(not started: )?fail_fast: item 'INV-2026-0(004|018|137)'",
+                    report["step_failures"][0]["error"])
     first_sent = Counter(rcpt for _, rcpts, _ in inbox.received for rcpt in rcpts)
     assert set(first_sent.values()) == {1} and len(first_sent) < 24
 

@@ -85,7 +85,7 @@ def test_large_csv_streams_in_bounded_memory(tmp_path: Path) -> None:
     for entry in check_records(read_source(spec, tmp_path), spec.key, spec.schema_, 200_000):
         assert isinstance(entry, Item)
         spool.add(entry)
-    chunks = sum(1 for _ in spool.chunks(5000))
+    chunks = len(spool.refs(5000))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert spool.count == 100_000 and chunks == 20

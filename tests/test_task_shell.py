@@ -15,15 +15,15 @@ import dagster as dg
 import pytest
 
 from batch_defs.definitions import build_definitions
+from batch_defs.engine import run_items
 from batch_defs.items import DependencyError, Item, dependency_order
+from batch_defs.ledger import Ledger
 from batch_defs.loader import PACKAGE_BATCHES
-from batch_defs.runner import ItemOutcome, ItemRunner, run_items
-from batch_defs.spec import RetrySpec
 from batch_defs.tasks import TaskContext, build_handler
 from batch_defs.tasks.shell import CommandFailedError
 from batch_defs.tasks.templating import TemplateSecurityError
 from resources.storage import BatchStorageResource
-from tests.conftest import run_batch
+from tests.conftest import engine_plan, run_batch
 
 PRINT_ARGV = [sys.executable, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]
 
@@ -124,34 +124,20 @@ class Recorder:
         self.running = self.peak = 0
         self.times: dict[str, tuple[float, float]] = {}
 
-    def __call__(self, item: Item, attempt: int) -> Any:
+    def __call__(self, item: dict[str, Any], ctx: Any) -> Any:
         started = time.monotonic()
         with self.lock:
             self.running += 1
             self.peak = max(self.peak, self.running)
         try:
-            time.sleep(self.seconds * (1 + item.seq % 3))
-            if item.key in self.fail:
-                raise ValueError(f"build of {item.key} broke")
-            return {"built": item.key}
+            time.sleep(self.seconds * (1 + len(ctx.key) % 3))
+            if ctx.key in self.fail:
+                raise ValueError(f"build of {ctx.key} broke")
+            return {"built": ctx.key}
         finally:
             with self.lock:
                 self.running -= 1
-                self.times[item.key] = (started, time.monotonic())
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.outcomes: list[ItemOutcome] = []
-
-    def judge(self, outcome: ItemOutcome) -> str | None:
-        return None
-
-    def add(self, outcome: ItemOutcome) -> None:
-        self.outcomes.append(outcome)
-
-    def tick(self) -> str | None:
-        return None
+                self.times[ctx.key] = (started, time.monotonic())
 
 
 def random_graph(n: int, seed: int) -> tuple[list[Item], dict[str, list[str]]]:
@@ -163,23 +149,28 @@ def random_graph(n: int, seed: int) -> tuple[list[Item], dict[str, list[str]]]:
     return items, depends
 
 
-def schedule(items: list[Item], depends: dict[str, list[str]], slots: int, recorder: Recorder,
-             satisfied: frozenset[str] = frozenset()) -> Sink:
-    sink = Sink()
-    runner = ItemRunner(recorder, "build", RetrySpec(), None, True, threading.Event())
-    ordered = dependency_order(items, "depends_on") if not satisfied else items
-    run_items(ordered, runner, slots, sink, poll_s=0.02, depends=depends, satisfied=satisfied)
-    return sink
+def schedule(items: list[Item], slots: int, recorder: Recorder, folder: Path,
+             satisfied: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Run items with dependencies through the engine; item key -> its ledger row."""
+    with Ledger(f"sqlite:///{folder / 'ledger.db'}") as ledger:
+        if satisfied:  # succeeded in an earlier run of the partition
+            ledger.record([{"batch": "unit", "partition": "p1", "run_id": "earlier",
+                            "phase": "phase0", "item_key": key, "seq": 0,
+                            "status": "succeeded"} for key in satisfied])
+        run_items(engine_plan(ledger, [recorder], folder, concurrency=slots,
+                              on_error="continue", tolerated_failures=100), items, folder)
+        recorded = ledger.rows("run-1")
+    return {row.item_key: row for row in recorded.itertuples()}
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("slots", [1, 3, 6])
-def test_scheduler_respects_dependencies_and_slots(slots: int) -> None:
+def test_scheduler_respects_dependencies_and_slots(slots: int, tmp_path: Path) -> None:
     items, depends = random_graph(30, seed=slots)
     recorder = Recorder(0.005)
-    sink = schedule(items, depends, slots, recorder)
-    assert sorted(o.item.key for o in sink.outcomes) == sorted(depends)
-    assert {o.status for o in sink.outcomes} == {"succeeded"}
+    outcomes = schedule(items, slots, recorder, tmp_path)
+    assert sorted(outcomes) == sorted(depends)
+    assert {o.status for o in outcomes.values()} == {"succeeded"}
     for key, deps in depends.items():
         for dep in deps:
             assert recorder.times[key][0] >= recorder.times[dep][1], (key, dep)
@@ -188,13 +179,12 @@ def test_scheduler_respects_dependencies_and_slots(slots: int) -> None:
 
 
 @pytest.mark.unit
-def test_dependants_of_a_failure_are_skipped_and_others_run() -> None:
+def test_dependants_of_a_failure_are_skipped_and_others_run(tmp_path: Path) -> None:
     depends = {"core": [], "db": ["core"], "api": ["db"], "web": ["api"], "cli": ["core"],
                "docs": ["web", "cli"], "tools": []}
     items = [Item(key, seq, {"depends_on": deps}) for seq, (key, deps)
              in enumerate(depends.items())]
-    sink = schedule(items, depends, 3, Recorder(0.01, frozenset({"db"})))
-    outcomes = {o.item.key: o for o in sink.outcomes}
+    outcomes = schedule(items, 3, Recorder(0.01, frozenset({"db"})), tmp_path)
     assert {k: o.status for k, o in outcomes.items()} == {
         "core": "succeeded", "db": "failed", "api": "skipped", "web": "skipped",
         "cli": "succeeded", "docs": "skipped", "tools": "succeeded"}
@@ -205,13 +195,13 @@ def test_dependants_of_a_failure_are_skipped_and_others_run() -> None:
 
 
 @pytest.mark.unit
-def test_dependencies_done_before_count_and_missing_ones_skip() -> None:
+def test_dependencies_done_before_count_and_missing_ones_skip(tmp_path: Path) -> None:
     depends = {"api": ["db"], "web": ["api"], "report": ["gone"]}
     items = [Item(key, seq, {"depends_on": deps}) for seq, (key, deps)
              in enumerate(depends.items())]
     recorder = Recorder(0.005)
-    sink = schedule(items, depends, 2, recorder, satisfied=frozenset({"db"}))
-    outcomes = {o.item.key: (o.status, o.error) for o in sink.outcomes}
+    found = schedule(items, 2, recorder, tmp_path, satisfied=frozenset({"db"}))
+    outcomes = {key: (row.status, row.error) for key, row in found.items()}
     assert outcomes == {"api": ("succeeded", None), "web": ("succeeded", None),
                         "report": ("skipped", "dependency 'gone' failed")}
     assert recorder.times["web"][0] >= recorder.times["api"][1]

@@ -16,16 +16,15 @@ import pytest
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from batch_defs.execution import PhaseRun, execute_chunk
-from batch_defs.items import Chunk, Item
+from batch_defs.engine import run_items
+from batch_defs.items import Item
 from batch_defs.ledger import Ledger
 from batch_defs.loader import PACKAGE_BATCHES
-from batch_defs.spec import BatchSpec
 from batch_defs.tasks import AfterContext, TaskContext, build_after_handler, build_handler
 from batch_defs.tasks.sql import SqlError, SqlParams, dispose_engines
 from batch_defs.tasks.templating import TemplateSecurityError
 from resources.storage import BatchStorageResource
-from tests.conftest import PG_ADMIN_URL, run_batch, write_batch
+from tests.conftest import PG_ADMIN_URL, engine_plan, run_batch, write_batch
 
 MARIADB_ADMIN_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 HOSTILE = ["'); drop table people; --", 'Robert"); DELETE FROM people WHERE ("1"="1',
@@ -285,14 +284,10 @@ class DeferredWrites:
 @pytest.mark.unit
 def test_engine_records_deferred_items_only_after_finish_chunk(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    spec = BatchSpec.model_validate({
-        "name": "deferred", "source": {"type": "inline", "items": []},
-        "phases": [{"name": "write", "task": "python", "params": {"function": "m:f"}}],
-        "options": {"concurrency": 2, "on_error": "continue", "tolerated_failures": 5}})
-    run = PhaseRun(spec, spec.phases[0], "p1", "run-d", tmp_path, tmp_path / "out")
     handler = DeferredWrites(ledger, "run-d", {"3", "7"})
     items = [Item(str(i), i, {"id": i}) for i in range(1, 13)]
-    result = execute_chunk(ledger, run, Chunk(0, items, 12), handler)
+    report = run_items(engine_plan(ledger, [handler], tmp_path, run_id="run-d", concurrency=2,
+                                   on_error="continue", tolerated_failures=5), items, tmp_path)
     assert handler.rows_before_finish == 0  # nothing recorded as done before the write
     recorded = ledger.rows("run-d")
     failed = recorded[recorded["status"] == "failed"]
@@ -300,16 +295,15 @@ def test_engine_records_deferred_items_only_after_finish_chunk(tmp_path: Path) -
     assert list(failed["error"]) == ["write of 3 refused", "write of 7 refused"]
     assert failed["input"].notna().all()  # the dead-letter payload is kept
     assert (recorded["status"] == "succeeded").sum() == 10 and len(recorded) == 12
-    assert result.failed == 2
-    assert [i.key for i in result.outputs] == [str(i) for i in range(1, 13) if i not in (3, 7)]
+    assert report.failed == 2
     # fail_fast: a deferred failure beyond the tolerance stops the batch.
-    strict = spec.model_copy(update={"options": spec.options.model_copy(
-        update={"on_error": "fail_fast", "tolerated_failures": 0})})
-    run = PhaseRun(strict, strict.phases[0], "p2", "run-e", tmp_path, tmp_path / "out")
-    stopped = execute_chunk(ledger, run, Chunk(0, items[:4], 4),
-                            DeferredWrites(ledger, "run-e", {"2"}))
-    assert stopped.stop_reason == ("fail_fast: item '2' failed in phase 'write': "
+    stopped = run_items(engine_plan(ledger, [DeferredWrites(ledger, "run-e", {"2"})], tmp_path,
+                                    run_id="run-e", partition="p2", concurrency=2),
+                        items[:4], tmp_path)
+    assert stopped.stop is not None
+    assert stopped.stop.reason == ("fail_fast: item '2' failed in phase 'phase0': "
                                    "write of 2 refused")
+    ledger.close()
 
 
 def table_spec(url: str, transaction: str, n: int, poison: int | None = None,

@@ -114,7 +114,7 @@ def test_bad_rules_fail_when_the_batch_loads(tmp_path: Path) -> None:
         spec = BatchSpec.model_validate({
             "name": "b", "source": {"type": "inline", "key": "id", "items": [{"id": 1}]},
             "phases": [{"name": "check", "task": "validate", "params": {"rules": rules}}]})
-        return [message for _, message in check_spec_tasks(spec, tmp_path)]
+        return [message for _, message in check_spec_tasks(spec, tmp_path).problems]
 
     assert problems([{"field": "x", "regex": "("}])[0].startswith("regex '(': missing )")
     assert problems([{"field": "x", "min": 5, "max": 1}]) == ["min 5.0 is above max 1.0"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -24,6 +26,7 @@ from batch_defs.tasks.base import (
     AfterHandler,
     AfterType,
     Handler,
+    MissingExtra,
     RejectItem,
     SkipItem,
     TaskContext,
@@ -50,8 +53,20 @@ AFTER_TYPES: dict[str, AfterType] = {
     "sql_commit": AfterType(sql.SqlCommitParams, sql.make_commit_handler),
 }
 
-__all__ = ["AfterContext", "Handler", "RejectItem", "SkipItem", "TaskContext", "TaskResult",
-           "build_handler", "build_after_handler", "check_spec_tasks", "task_resources"]
+__all__ = ["AfterContext", "Handler", "MissingExtra", "RejectItem", "SkipItem", "TaskContext",
+           "TaskResult", "build_handler", "build_after_handler", "check_spec_tasks",
+           "task_resources"]
+
+Loc = list[str | int]
+
+
+@dataclass
+class TaskChecks:
+    """What checking a spec's tasks found: problems (the batch does not load) and notices
+    (it loads, and cannot run here until an extra is installed)."""
+
+    problems: list[tuple[Loc, str]] = field(default_factory=list)
+    notices: list[tuple[Loc, str]] = field(default_factory=list)
 
 
 def task_resources(task: str) -> tuple[str, ...]:
@@ -70,26 +85,32 @@ def build_after_handler(task: str, params: dict, base_dir: Path) -> AfterHandler
     return after_type.make_handler(after_type.params.model_validate(params), base_dir)
 
 
-def _problems(registry: dict, task: str, params: dict, base_dir: Path,
-              loc: list[str | int]) -> list[tuple[list[str | int], str]]:
+def _check(registry: dict, task: str, params: dict, base_dir: Path, loc: Loc,
+           checks: TaskChecks) -> None:
     if task not in registry:
         known = ", ".join(sorted(registry))
-        return [([*loc, "task"], f"unknown task type {task!r} (known: {known})")]
+        checks.problems.append(([*loc, "task"], f"unknown task type {task!r} (known: {known})"))
+        return
     try:
         registry[task].make_handler(registry[task].params.model_validate(params), base_dir)
     except ValidationError as exc:
-        return [([*loc, "params", *e["loc"]], e["msg"].removeprefix("Value error, "))
-                for e in exc.errors()]
+        checks.problems += [([*loc, "params", *e["loc"]], e["msg"].removeprefix("Value error, "))
+                            for e in exc.errors()]
+    except MissingExtra as exc:
+        checks.notices.append(([*loc, "task"], str(exc)))
     except (ValueError, OSError) as exc:
-        return [([*loc, "params"], str(exc))]
-    return []
+        checks.problems.append(([*loc, "params"], str(exc)))
 
 
-def check_spec_tasks(spec: BatchSpec, base_dir: Path) -> list[tuple[list[str | int], str]]:
-    """Each phase's and after-step's task type and params, as (loc, message) problems."""
-    problems = []
+def check_spec_tasks(spec: BatchSpec, base_dir: Path) -> TaskChecks:
+    """Each phase's and after-step's task type and params, and the executor's extra."""
+    checks = TaskChecks()
     for i, phase in enumerate(spec.phases):
-        problems += _problems(TASK_TYPES, phase.task, phase.params, base_dir, ["phases", i])
+        _check(TASK_TYPES, phase.task, phase.params, base_dir, ["phases", i], checks)
     for i, step in enumerate(spec.after):
-        problems += _problems(AFTER_TYPES, step.task, step.params, base_dir, ["after", i])
-    return problems
+        _check(AFTER_TYPES, step.task, step.params, base_dir, ["after", i], checks)
+    if spec.options.executor == "celery" and importlib.util.find_spec("dagster_celery") is None:
+        checks.notices.append((["options", "executor"], "the celery executor needs "
+                               "dagster-celery: install the celery extra: pip install "
+                               "'batch-defs[celery]'"))
+    return checks

@@ -11,6 +11,11 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 
+class MissingExtra(ValueError):  # noqa: N818 - a requirement, reported as such
+    """A task needs an optional extra that is not installed: the batch still loads (and says
+    so), and fails with this message when it runs."""
+
+
 class SkipItem(Exception):  # noqa: N818 - it is a signal, not an error
     """Raised by ctx.skip(reason): the item is recorded as skipped and not passed on."""
 

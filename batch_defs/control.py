@@ -1,0 +1,226 @@
+"""Run control: who holds a partition, whether a run is alive, its true state, pause/cancel/resume.
+
+The CLI, the ops and the sensors all decide these things here, so that every door behaves alike.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import dagster as dg
+
+from batch_defs.ledger import LeaseHolder, Ledger, StopRequest
+from batch_defs.states import RunState, StopKind
+
+HOST = socket.gethostname()
+# A holder on another host that has not beaten for this long is taken to be gone.
+LEASE_TTL_S = 60.0
+# Dagster's word for how a run ended, where the ledger has none of its own.
+ENDED_STATES = {dg.DagsterRunStatus.SUCCESS: RunState.SUCCEEDED,
+                dg.DagsterRunStatus.FAILURE: RunState.FAILED,
+                dg.DagsterRunStatus.CANCELED: RunState.CANCELED}
+
+
+class ControlError(RuntimeError):
+    """A request about a run that cannot be carried out; the message says why and what to do."""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_alive(run: dg.DagsterRun) -> bool | None:
+    """Whether the process executing a CLI run still exists: None when we cannot tell
+    (another host, or a run launched by the daemon, which Dagster's run monitoring watches)."""
+    pid, host = run.tags.get("batch/pid"), run.tags.get("batch/host")
+    if not pid or host != HOST:
+        return None
+    return pid_alive(int(pid))
+
+
+def holder_is_live(instance: dg.DagsterInstance, holder: LeaseHolder) -> bool:
+    """A lease stands while its run has not ended in Dagster and its process lives (same
+    host), or has beaten recently (another host, where we cannot see its process)."""
+    run = instance.get_run_by_id(holder.run_id)
+    if run is None or run.is_finished:
+        return False
+    if holder.host == HOST:
+        return pid_alive(holder.pid)
+    return time.time() - holder.heartbeat_at < LEASE_TTL_S
+
+
+def describe_holder(holder: LeaseHolder, batch: str, partition: str) -> str:
+    since = datetime.fromtimestamp(holder.acquired_at).strftime("%Y-%m-%d %H:%M:%S")
+    return (f"partition {partition!r} of batch {batch!r} is held by run {holder.run_id} "
+            f"(pid {holder.pid} on {holder.host}, since {since}); wait for it to end "
+            f"(--wait) or stop it: batch-defs cancel {holder.run_id[:8]}")
+
+
+def live_holder(instance: dg.DagsterInstance, ledger: Ledger, batch: str,
+                partition: str) -> LeaseHolder | None:
+    holder = ledger.lease_holder(batch, partition)
+    return holder if holder and holder_is_live(instance, holder) else None
+
+
+def wait_for_partition(instance: dg.DagsterInstance, ledger: Ledger, batch: str, partition: str,
+                       wait: bool, on_wait: Callable[[LeaseHolder], None] | None = None,
+                       poll_s: float = 1.0) -> None:
+    """Return once no live run holds the partition; without `wait`, raise ControlError naming
+    the run that holds it."""
+    announced = False
+    while (holder := live_holder(instance, ledger, batch, partition)) is not None:
+        if not wait:
+            raise ControlError(describe_holder(holder, batch, partition))
+        if on_wait and not announced:
+            on_wait(holder)
+            announced = True
+        time.sleep(poll_s)
+
+
+def daemon_running(instance: dg.DagsterInstance) -> bool:
+    """Whether a dagster-daemon is heartbeating for this instance (it launches queued runs)."""
+    try:
+        statuses = instance.get_daemon_statuses(["QUEUED_RUN_COORDINATOR"])
+    except Exception:  # an instance without daemon storage: no daemon either
+        return False
+    return any(status.healthy for status in statuses.values())
+
+
+def effective_state(run: dg.DagsterRun | None, recorded: str | None) -> RunState:
+    """A run's state as the user should read it: the ledger's (or the tag's) word, except
+    that nothing Dagster marks failed or canceled is ever shown as succeeded or running."""
+    state = RunState(recorded) if recorded in set(RunState) else None
+    if run is None:
+        return state or RunState.RUNNING
+    if not run.is_finished:
+        return state if state in (RunState.PAUSED, RunState.CANCELED) else RunState.RUNNING
+    ended = ENDED_STATES.get(run.status, RunState.FAILED)
+    if ended is RunState.SUCCEEDED:
+        return state if state in (RunState.SUCCEEDED, RunState.PAUSED) else ended
+    if state in (RunState.PAUSED, RunState.CANCELED):
+        return state
+    return ended
+
+
+def reconcile(instance: dg.DagsterInstance, ledger: Ledger, run: dg.DagsterRun) -> RunState:
+    """Make the ledger row and the `batch/state` tag of an ended run agree with Dagster."""
+    recorded = ledger.run(run.run_id)
+    state = effective_state(run, recorded["status"] if recorded else run.tags.get("batch/state"))
+    if recorded and recorded["status"] != state:
+        ledger.set_status(run.run_id, state)
+    if run.tags.get("batch/state") not in (None, state.value) or recorded:
+        instance.add_run_tags(run.run_id, {"batch/state": state.value})
+    return state
+
+
+def resolve_run(instance: dg.DagsterInstance, prefix: str) -> dg.DagsterRun:
+    """A run by its id or a unique prefix of it (the UI and `list` show 8 characters)."""
+    run = instance.get_run_by_id(prefix)
+    if run is not None:
+        return run
+    matches = [r for r in instance.get_runs(filters=dg.RunsFilter(), limit=500)
+               if r.run_id.startswith(prefix)]
+    if len(matches) != 1:
+        raise ControlError(f"no run {prefix!r}" if not matches
+                           else f"run id {prefix!r} is ambiguous")
+    return matches[0]
+
+
+def active_run(instance: dg.DagsterInstance, prefix: str) -> dg.DagsterRun:
+    run = resolve_run(instance, prefix)
+    if run.is_finished:
+        raise ControlError(f"run {run.run_id} has already ended ({run.status.value})")
+    return run
+
+
+def pause(instance: dg.DagsterInstance, ledger: Ledger, prefix: str) -> dg.DagsterRun:
+    """Stop starting items; in-flight items finish and are recorded; resume continues."""
+    run = active_run(instance, prefix)
+    ledger.request_stop(run.run_id, StopRequest(StopKind.PAUSED,
+                                                "paused: requested with batch-defs pause"))
+    return run
+
+
+def cancel(instance: dg.DagsterInstance, ledger: Ledger, prefix: str, grace_s: float,
+           poll_s: float = 0.5) -> dg.DagsterRun:
+    """Stop starting items, give in-flight ones `grace_s`, then end the run by force."""
+    run = active_run(instance, prefix)
+    if run.status == dg.DagsterRunStatus.QUEUED:
+        instance.run_coordinator.cancel_run(run.run_id)
+        return instance.get_run_by_id(run.run_id) or run
+    ledger.request_stop(run.run_id, StopRequest(StopKind.CANCELED,
+                                                "canceled: requested with batch-defs cancel"))
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and not _finished(instance, run.run_id):
+        time.sleep(poll_s)
+    if not _finished(instance, run.run_id):
+        if worker_alive(run):
+            os.kill(int(run.tags["batch/pid"]), 9)
+        else:
+            instance.run_launcher.terminate(run.run_id)
+    run = instance.get_run_by_id(run.run_id) or run
+    if run.status != dg.DagsterRunStatus.CANCELED:
+        instance.report_run_canceled(run, "canceled with batch-defs cancel")
+    ledger.set_status(run.run_id, RunState.CANCELED)
+    instance.add_run_tags(run.run_id, {"batch/state": RunState.CANCELED.value})
+    return instance.get_run_by_id(run.run_id) or run
+
+
+def _finished(instance: dg.DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is None or run.is_finished
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What `resume` re-executes: the ended run, its job and partition."""
+
+    run: dg.DagsterRun
+    job_name: str
+    partition: str
+
+
+def prepare_resume(instance: dg.DagsterInstance, ledger: Ledger, prefix: str) -> ResumePlan:
+    """Check that a run can be resumed, ending it first if its process is gone (a stale run),
+    and make its ledger row stop saying `running` or `succeeded`."""
+    run = resolve_run(instance, prefix)
+    if not run.is_finished:
+        alive = worker_alive(run)
+        if alive is not False:
+            raise ControlError(f"run {run.run_id} is {run.status.value}"
+                               + (" and its process is alive" if alive else "")
+                               + "; pause or cancel it first")
+        instance.report_run_failed(run, f"process {run.tags['batch/pid']} is gone; "
+                                        "marked failed by batch-defs resume")
+        run = instance.get_run_by_id(run.run_id) or run
+    partition = run.tags.get("dagster/partition")
+    if not partition:
+        raise ControlError(f"run {run.run_id} has no partition")
+    reconcile(instance, ledger, run)
+    return ResumePlan(run, run.job_name, partition)
+
+
+def failure_message(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """Why a run failed, in the words of the step that failed it (a dg.Failure's
+    description), or the error's message."""
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        event = record.dagster_event
+        data = event.step_failure_data if event else None
+        if data is None:
+            continue
+        if data.user_failure_data and data.user_failure_data.description:
+            return data.user_failure_data.description
+        if data.error:
+            return data.error.message.strip().splitlines()[0]
+    return None

@@ -1,0 +1,52 @@
+"""The fan-out's work: read, key and validate the source in one streaming pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batch_defs.items import InvalidRow, Item, ItemSpool, check_records
+from batch_defs.ledger import SOURCE_PHASE, Ledger
+from batch_defs.sources import read_source
+from batch_defs.spec import BatchSpec
+from batch_defs.states import ItemStatus
+
+FLUSH_ROWS = 500  # invalid source rows per ledger write
+
+
+@dataclass
+class SourceRead:
+    spool: ItemSpool
+    invalid: int = 0
+    first_invalid: InvalidRow | None = None
+    dependencies: bool = False  # some item declares options.depends_on_field
+
+
+def spool_source(ledger: Ledger, spec: BatchSpec, base_dir: Path, partition: str, run_id: str,
+                 spool_path: Path) -> SourceRead:
+    """Valid items to the run's manifest (the spool), invalid ones to the ledger in batches:
+    every record of the source is one or the other."""
+    read = SourceRead(ItemSpool(spool_path))
+    pending: list[dict[str, Any]] = []
+    depends_on = spec.options.depends_on_field
+    try:
+        for entry in check_records(read_source(spec.source, base_dir), spec.source.key,
+                                   spec.source.schema_, spec.options.max_items):
+            if isinstance(entry, Item):
+                read.spool.add(entry)
+                if depends_on and entry.data.get(depends_on) not in (None, "", []):
+                    read.dependencies = True
+                continue
+            read.invalid += 1
+            read.first_invalid = read.first_invalid or entry
+            pending.append({"batch": spec.name, "partition": partition, "run_id": run_id,
+                            "phase": SOURCE_PHASE, "status": ItemStatus.INVALID,
+                            **entry.ledger_row()})
+            if len(pending) >= FLUSH_ROWS:
+                ledger.record(pending)
+                pending = []
+    finally:
+        ledger.record(pending)  # what was read is recorded even when the source breaks off
+        read.spool.close()
+    return read

@@ -1,0 +1,1 @@
+"""The ledger schema revisions, oldest first (see batch_defs/ledger_migrations)."""
