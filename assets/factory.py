@@ -273,10 +273,17 @@ def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
 
 
 def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinition:
-    @dg.op(name=op_name(loaded.spec, name), required_resource_keys=RESOURCE_KEYS,
+    from batch_defs.tasks import AFTER_TYPES
+
+    declared = AFTER_TYPES[loaded.spec.after[index].task].resources
+
+    @dg.op(name=op_name(loaded.spec, name), required_resource_keys=RESOURCE_KEYS | set(declared),
            description=f"After step {index + 1}: {loaded.spec.after[index].task}.")
     def after(context: dg.OpExecutionContext, summary: dict[str, Any]) -> dict[str, Any]:
+        from batch_defs.item_failures import record_item_failures
+        from batch_defs.secrets import mask
         from batch_defs.tasks import AfterContext, build_after_handler
+        from batch_defs.tasks.base import ItemsFailed
 
         step = BatchStep(loaded, context)
         spec_step = step.spec.after[index]
@@ -284,8 +291,18 @@ def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinitio
         ctx = AfterContext(spec_step.params, step.spec.name, step.partition, step.run_id,
                            summary, loaded.base_dir, step.output_dir,
                            [p.name for p in step.spec.phases],
-                           log=logging.getLogger(f"batch_defs.{name}"))
-        produced = handler(step.ledger.rows(step.run_id), ctx) or {}
+                           log=logging.getLogger(f"batch_defs.{name}"),
+                           resources={key: getattr(context.resources, key) for key in declared})
+        try:
+            produced = handler(step.ledger.rows(step.run_id), ctx) or {}
+        except ItemsFailed as exc:
+            # Items whose effect did not land (rows refused at sql_commit) become failed, so
+            # the next run of the partition does exactly them again.
+            record_item_failures(step.ledger, step.spec.name, step.partition, step.run_id,
+                                 exc.errors)
+            step.ledger.set_status(step.run_id, "failed")
+            context.instance.add_run_tags(step.run_id, {"batch/state": "failed"})
+            raise dg.Failure(mask(str(exc)), allow_retries=False) from None
         return {**summary, "after": {**summary.get("after", {}), name: dict(produced)}}
 
     return after

@@ -47,7 +47,8 @@ AFTER_TYPES: dict[str, AfterType] = {
     "report": AfterType(report.ReportParams, report.make_handler),
     "export": AfterType(report.ExportParams, report.make_export_handler),
     "python": AfterType(python.PythonParams, python.make_after_handler),
-    "sql_commit": AfterType(sql.SqlCommitParams, sql.make_commit_handler),
+    "sql_commit": AfterType(sql.SqlCommitParams, sql.make_commit_handler,
+                            resources=("database",)),
 }
 
 __all__ = ["AfterContext", "Handler", "RejectItem", "SkipItem", "TaskContext", "TaskResult",
