@@ -62,6 +62,11 @@ class BatchStep:
         self.output_dir = storage.output_root(context.instance, self.spec.name)
         self.partition = context.partition_key
         self.run_id = context.run_id
+        from batch_defs.secrets import register_resources
+
+        # Secrets of this step's resources are masked wherever errors are stored or shown.
+        register_resources(getattr(context.resources, key)
+                           for key in sorted(context.op_def.required_resource_keys))
 
     def phase_run(self, phase: PhaseSpec) -> PhaseRun:
         resources = {key: getattr(self.context.resources, key)

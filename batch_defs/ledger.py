@@ -344,6 +344,11 @@ def _row(row: Mapping[str, Any]) -> dict[str, Any]:
     for column in ("input", "output", "attempt_log"):
         if out[column] is not None and not isinstance(out[column], str):
             out[column] = to_json(out[column])
+    # Servers echo credentials back in errors: the stored text never holds a known secret.
+    from batch_defs.secrets import mask
+
+    out["error"] = mask(out["error"])
+    out["attempt_log"] = mask(out["attempt_log"])
     out["attempts"] = out["attempts"] or 0
     out["cost"] = out["cost"] or 0.0
     out["tokens"] = out["tokens"] or 0

@@ -15,6 +15,7 @@ import pandas as pd
 
 from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger
 from batch_defs.progress import format_duration
+from batch_defs.secrets import mask, register_run_config
 
 FORMATS = ("html", "md", "csv", "json")
 SLOWEST = 10
@@ -181,6 +182,9 @@ def build_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
     """Everything a report shows, as plain data (charts as their binned series)."""
     from batch_defs.watch import run_report
 
+    # This process may not have run the batch: its resources' secrets come from the run.
+    dagster_run = instance.get_run_by_id(run_id)
+    register_run_config(dagster_run.run_config if dagster_run else None)
     report = run_report(instance, ledger, run_id)
     run = ledger.run(run_id)
     rows = ledger.rows(run_id)
@@ -196,7 +200,19 @@ def build_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
         "throughput": throughput_series(rows, run["started_at"] if run else None),
         "durations": duration_histogram(rows),
     })
-    return report
+    return masked(report)
+
+
+def masked(value: Any) -> Any:
+    """Every text in a report with the known secrets as `***` (errors, stop reasons, step
+    failures from Dagster's event log: rows written before masking existed, too)."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {key: masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(item) for item in value]
+    return value
 
 
 def render(report: dict[str, Any], fmt: str, out: Path | None = None) -> str:
