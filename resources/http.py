@@ -62,6 +62,10 @@ class HttpResource(PooledClientResource):
     timeout_s: float = Field(default=30.0, gt=0,
                              description="Request timeout when the phase sets none")
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.trusted_origins()  # a mistyped allowed_origins fails the run, not every item
+        super().setup_for_execution(context)
+
     def trusted_origins(self) -> set[str]:
         """Where `headers` may go: the origin of base_url and the allowed_origins."""
         origins = {origin(self.base_url)} if self.base_url else set()

@@ -264,6 +264,20 @@ def test_resource_credentials_go_only_to_its_origin(tmp_path: Path, httpserver_i
     assert trusted["x-api-key"] == "key-for-the-trusted-api"
 
 
+@pytest.mark.unit
+def test_origins_compare_scheme_host_and_port() -> None:
+    resource = HttpResource(base_url="https://API.example.com/v1",
+                            allowed_origins=["http://files.example.com:8080/any/path"])
+    assert resource.trusted_origins() == {"https://api.example.com:443",
+                                          "http://files.example.com:8080"}
+    with pytest.raises(ValueError, match="allowed_origins: not an absolute http.s. URL"):
+        HttpResource(allowed_origins=["files.example.com"]).trusted_origins()
+    misconfigured = HttpResource(allowed_origins=["ftp://files.example.com"])
+    with pytest.raises(ValueError, match="allowed_origins"):  # when the run starts
+        misconfigured.setup_for_execution(dg.build_init_resource_context())
+    misconfigured.close()
+
+
 @pytest.mark.integration
 def test_other_origins_get_no_credentials_unless_allowed(tmp_path: Path,
                                                          httpserver_ipv4: HTTPServer,
