@@ -16,15 +16,26 @@ import dagster as dg
 from batch_defs.control import HOST, describe_holder, holder_is_live
 from batch_defs.engine import RunEngine, RunPlan
 from batch_defs.fanout import spool_source
+from batch_defs.item_failures import record_item_failures
 from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_chunk
 from batch_defs.ledger import Ledger, StopRequest
 from batch_defs.loader import LoadedBatch
 from batch_defs.progress import ProgressWindow
+from batch_defs.secrets import mask, register_resources
 from batch_defs.sources import SourceError, expand_env
 from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.states import RunState
 from batch_defs.summary import summarize_run
-from batch_defs.tasks import Handler, MissingExtra, build_handler, task_resources
+from batch_defs.tasks import (
+    AFTER_TYPES,
+    AfterContext,
+    Handler,
+    ItemsFailed,
+    MissingExtra,
+    build_after_handler,
+    build_handler,
+    task_resources,
+)
 from resources.storage import BatchStorageResource, RunOverridesResource
 
 RESOURCE_KEYS = {"batch_storage", "run_overrides"}
@@ -90,6 +101,9 @@ class BatchStep:
         self.output_dir = self.storage.output_root(context.instance, self.spec.name)
         self.partition = context.partition_key
         self.run_id = context.run_id
+        # Secrets of this step's resources are masked wherever errors are stored or shown.
+        register_resources(getattr(context.resources, key)
+                           for key in sorted(context.op_def.required_resource_keys))
         self.hold_partition()
 
     def hold_partition(self) -> None:
@@ -334,19 +348,27 @@ def first_failures(summary: dict[str, Any], shown: int = 3) -> str:
 
 
 def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinition:
-    @dg.op(name=op_name(loaded.spec, name), required_resource_keys=RESOURCE_KEYS,
+    declared = AFTER_TYPES[loaded.spec.after[index].task].resources
+
+    @dg.op(name=op_name(loaded.spec, name), required_resource_keys=RESOURCE_KEYS | set(declared),
            description=f"After step {index + 1}: {loaded.spec.after[index].task}.")
     def after(context: dg.OpExecutionContext, summary: dict[str, Any]) -> dict[str, Any]:
-        from batch_defs.tasks import AfterContext, build_after_handler
-
         step = BatchStep(loaded, context)
         spec_step = step.spec.after[index]
         handler = build_after_handler(spec_step.task, spec_step.params, loaded.base_dir)
         ctx = AfterContext(spec_step.params, step.spec.name, step.partition, step.run_id,
                            summary, loaded.base_dir, step.output_dir,
                            [p.name for p in step.spec.phases],
-                           log=logging.getLogger(f"batch_defs.{name}"))
-        produced = handler(step.ledger.rows(step.run_id), ctx) or {}
+                           log=logging.getLogger(f"batch_defs.{name}"),
+                           resources={key: getattr(context.resources, key) for key in declared})
+        try:
+            produced = handler(step.ledger.rows(step.run_id), ctx) or {}
+        except ItemsFailed as exc:
+            # Items whose effect did not land (rows refused at sql_commit) become failed, so
+            # the next run of the partition does exactly them again.
+            record_item_failures(step.ledger, step.spec.name, step.partition, step.run_id,
+                                 exc.errors)
+            step.fail(mask(str(exc)))
         return {**summary, "after": {**summary.get("after", {}), name: dict(produced)}}
 
     return after

@@ -37,6 +37,7 @@ from batch_defs.items import (
 )
 from batch_defs.ledger import KnownOutcome, Ledger, LedgerWriteError, RunSnapshot, StopRequest
 from batch_defs.runner import ItemOutcome, ItemRunner, StepCrashError, describe
+from batch_defs.secrets import mask
 from batch_defs.spec import BatchSpec, BudgetSpec, PhaseSpec
 from batch_defs.states import FAILURE_STATUSES, ItemStatus, SkipCause, StopKind
 from batch_defs.tasks import Handler, TaskContext
@@ -584,7 +585,7 @@ class RunEngine:
                 if self.spec.on_error(spec) == "fail_fast" and self.failures > self.tolerated:
                     return StopRequest(StopKind.FAIL_FAST,
                                        f"fail_fast: item {outcome.item.key!r} failed in phase "
-                                       f"{spec.name!r}: {outcome.error}")
+                                       f"{spec.name!r}: {mask(outcome.error)}")
             return budget_exceeded(self.spec.options.budget, self.cost, self.tokens)
 
     # Waiting for chunks

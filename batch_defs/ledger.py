@@ -493,7 +493,7 @@ def _row(row: Mapping[str, Any]) -> dict[str, Any]:
         value = out[column]
         if isinstance(value, str):
             out[column] = storable(value)
-    # Secrets a server echoed back must not be kept, nor shown by reports and the CLI.
+    # Servers echo credentials back in errors: the stored text never holds a known secret.
     out["error"] = mask(out["error"])
     out["attempt_log"] = mask(out["attempt_log"])
     out["attempts"] = out["attempts"] or 0

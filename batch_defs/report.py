@@ -15,6 +15,7 @@ import pandas as pd
 
 from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger
 from batch_defs.progress import format_duration
+from batch_defs.secrets import mask, register_run_config
 
 FORMATS = ("html", "md", "csv", "json")
 SLOWEST = 10
@@ -181,6 +182,9 @@ def build_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
     """Everything a report shows, as plain data (charts as their binned series)."""
     from batch_defs.watch import run_report
 
+    # This process may not have run the batch: its resources' secrets come from the run.
+    dagster_run = instance.get_run_by_id(run_id)
+    register_run_config(dagster_run.run_config if dagster_run else None)
     report = run_report(instance, ledger, run_id)
     run = ledger.run(run_id)
     rows = ledger.rows(run_id)
@@ -196,7 +200,19 @@ def build_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
         "throughput": throughput_series(rows, run["started_at"] if run else None),
         "durations": duration_histogram(rows),
     })
-    return report
+    return masked(report)
+
+
+def masked(value: Any) -> Any:
+    """Every text in a report with the known secrets as `***` (errors, stop reasons, step
+    failures from Dagster's event log: rows written before masking existed, too)."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {key: masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(item) for item in value]
+    return value
 
 
 def render(report: dict[str, Any], fmt: str, out: Path | None = None) -> str:
@@ -280,9 +296,15 @@ def _item_cells(row: dict[str, Any]) -> list[str]:
             _seconds(row["duration_s"]), row["error"] or ""]
 
 
+def md_text(text: str) -> str:
+    """Text for markdown, where raw HTML is live: `<`, `>` and `&` as entities (which
+    markdown shows as the characters themselves)."""
+    return html.escape(str(text), quote=False)
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
+        return md_text(text).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
@@ -295,7 +317,7 @@ def _title(report: dict[str, Any]) -> str:
 
 
 def render_md(report: dict[str, Any], out: Path | None = None) -> str:
-    parts = [f"# {_title(report)}", "",
+    parts = [f"# {md_text(_title(report))}", "",
              _md_table(["", ""], [[k, v] for k, v in summary_pairs(report)])]
     if report.get("phases"):
         parts += ["", "## Phases", "",
@@ -354,12 +376,17 @@ def _html_table(header: list[str], rows: list[list[str]], error_column: int | No
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def css_token(text: str) -> str:
+    """Letters, digits, `-` and `_` only: safe inside a quoted class attribute."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in text)
+
+
 def render_html(report: dict[str, Any]) -> str:
     """One self-contained page: charts are PNGs inlined as data URIs."""
     title = html.escape(_title(report))
+    status_class = f' class="status-{css_token(report["status"])}"'
     summary = "".join(
-        f"<tr><th>{html.escape(k)}</th><td"
-        f"{' class=status-' + html.escape(report['status']) if k == 'status' else ''}>"
+        f"<tr><th>{html.escape(k)}</th><td{status_class if k == 'status' else ''}>"
         f"{html.escape(v)}</td></tr>" for k, v in summary_pairs(report))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
              f"<style>{STYLE}</style></head><body>", f"<h1>{title}</h1>",
@@ -379,8 +406,9 @@ def render_html(report: dict[str, Any]) -> str:
             parts += [f"<h2>{heading} ({len(rows)})</h2>",
                       _html_table(ITEM_HEADER, [_item_cells(r) for r in rows[:limit]], 5)]
             if len(rows) > limit:
-                parts.append(f"<p>All of them: <code>batch-defs results {report['run_id']} "
-                             "--status failed,invalid,rejected</code></p>")
+                parts.append("<p>All of them: <code>batch-defs results "
+                             f"{html.escape(report['run_id'])} --status failed,invalid,rejected"
+                             "</code></p>")
     if report.get("step_failures"):
         parts += ["<h2>Failed steps</h2>",
                   _html_table(["step", "error"], [[f["step"], f["error"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -26,12 +28,13 @@ _pattern: re.Pattern[str] | None = None
 
 
 def register(value: str | None) -> None:
-    """Mask `value` (and its percent-encoded form, as it appears in URLs) from now on."""
+    """Mask `value` from now on, with its percent-encoded form (as it appears in URLs) and its
+    JSON-escaped form (as it appears in stored JSON such as the ledger's attempt_log)."""
     global _pattern
     if not value or len(value) < MIN_LENGTH:
         return
     with _lock:
-        new = {value, quote(value, safe="")} - _values
+        new = {value, quote(value, safe=""), json.dumps(value)[1:-1]} - _values
         if not new:
             return
         _values.update(new)
@@ -81,9 +84,12 @@ def register_headers(headers: Mapping[str, str]) -> None:
     for name, value in headers.items():
         if is_credential_header(name, value):
             try:
-                register(expand_env(value))
+                expanded = expand_env(value)
             except SourceError:
                 continue
+            register(expanded)
+            # `Bearer TOKEN`: servers often echo the token alone.
+            register(expanded.partition(" ")[2].strip())
 
 
 def register_resources(resources: Iterable[Any]) -> None:
@@ -102,3 +108,28 @@ def register_resources(resources: Iterable[Any]) -> None:
         bearer_token = getattr(resource, "bearer_token", None)
         if callable(bearer_token):
             register(bearer_token())
+
+
+def _configured(value: Any) -> Any:
+    """A run config value, with Dagster's `{env: NAME}` (dg.EnvVar) read from the environment."""
+    if isinstance(value, Mapping) and set(value) == {"env"}:
+        return os.environ.get(str(value["env"]))
+    return value
+
+
+def register_run_config(run_config: Mapping[str, Any] | None) -> None:
+    """The secrets in a run's resource config, for processes that show a run without having
+    executed it (`batch-defs report`): the same fields register_resources looks at."""
+    resources = (run_config or {}).get("resources")
+    for entry in (resources.values() if isinstance(resources, Mapping) else ()):
+        config = entry.get("config") if isinstance(entry, Mapping) else None
+        if not isinstance(config, Mapping):
+            continue
+        for name, raw in config.items():
+            value = _configured(raw)
+            if isinstance(value, str) and _SECRET_FIELD.search(name):
+                register(value)
+            elif isinstance(value, str) and name.endswith("url"):
+                register_url(value)
+            elif name == "headers" and isinstance(value, Mapping):
+                register_headers({str(k): str(_configured(v) or "") for k, v in value.items()})

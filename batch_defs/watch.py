@@ -22,6 +22,7 @@ from rich.text import Text
 from batch_defs.control import effective_state
 from batch_defs.ledger import Ledger
 from batch_defs.progress import FINAL_FAILURES, ProgressWindow, format_duration
+from batch_defs.secrets import mask
 from batch_defs.states import RunState
 from batch_defs.summary import summarize_run
 
@@ -129,7 +130,8 @@ def step_failures(instance: Any, run_id: str) -> list[dict[str, str]]:
             message = f"{data.error.cls_name}: {data.error.message.strip()}"
         else:
             message = "failed"
-        failures.append({"step": record.step_key or "", "error": message.splitlines()[0]})
+        failures.append({"step": record.step_key or "",
+                         "error": mask(message.splitlines()[0] if message else "failed")})
     return failures
 
 

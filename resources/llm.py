@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import os
 
-import dagster as dg
 from pydantic import Field
 
+from resources.http import PooledClientResource
 
-class LlmResource(dg.ConfigurableResource):
+
+class LlmResource(PooledClientResource):
     """Endpoint, key, default model and price table. Give the key as
     `dg.EnvVar("OPENAI_API_KEY")`; it may stay empty for local servers that need none.
 
     Fields left unset are read from the environment when a request is made (never at
     import), so `batch-defs run` can point at any OpenAI-compatible server without run config:
-    OPENAI_BASE_URL, OPENAI_API_KEY and LLM_PRICES (the `prices` mapping as JSON)."""
+    OPENAI_BASE_URL, OPENAI_API_KEY and LLM_PRICES (the `prices` mapping as JSON).
+
+    It owns the pooled client of the `llm` task (client(), closed at the run's end)."""
 
     base_url: str | None = Field(default=None, description="API root; the task POSTs to "
                                  "{base_url}/chat/completions. Unset: $OPENAI_BASE_URL, else "

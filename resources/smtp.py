@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import Field
 
+from batch_defs.secrets import register_resources
+
 
 class SmtpResource(dg.ConfigurableResource):
     """Where mail goes. Give secrets as `dg.EnvVar("SMTP_PASSWORD")` (read when a run starts,
@@ -30,9 +32,14 @@ class SmtpResource(dg.ConfigurableResource):
     from_addr: str = Field(default="batch-defs@localhost",
                            description="Sender when the phase gives no from_addr")
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # A server may echo the password back in an error; masked from the run's start.
+        register_resources([self])
+
     @contextmanager
     def get_connection(self) -> Iterator[smtplib.SMTP]:
         """A connected (and logged-in) SMTP session, closed with QUIT afterwards."""
+        register_resources([self])  # also outside a run (sensors, tests)
         host = self.host or os.environ.get("SMTP_HOST") or "localhost"
         port = self.port or int(os.environ.get("SMTP_PORT") or 25)
         with smtplib.SMTP(host, port, timeout=self.timeout_s) as smtp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html.parser
 import io
 import json
 import re
@@ -276,3 +277,102 @@ def test_status_watch_follows_a_run_of_another_process(env: dict[str, str],
 @pytest.fixture
 def env(cli_env: dict[str, str]) -> dict[str, str]:
     return cli_env
+
+
+HOSTILE_PARTITION = "<svg onload=alert(1)>"
+HOSTILE_KEY = "<img src=x onerror=alert(2)>"
+HOSTILE_ERROR = "ValueError: <script>alert(3)</script>"
+# What the report's own markup uses; anything else in a page came from the data.
+REPORT_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "table", "thead",
+               "tbody", "tr", "th", "td", "img", "p", "code"}
+
+
+class Markup(html.parser.HTMLParser):
+    """The tags and attributes an HTML page really has (what a browser would act on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: set[str] = set()
+        self.attributes: set[str] = set()
+        self.image_sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.attributes.update(name for name, _ in attrs)
+        if tag == "img":
+            self.image_sources += [value or "" for name, value in attrs if name == "src"]
+
+    def only_own_markup(self) -> bool:
+        """Nothing but the report's tags, no event handlers, images only its charts."""
+        return (self.tags <= REPORT_TAGS
+                and self.attributes <= {"charset", "class", "alt", "src", "border", "style"}
+                and all(src.startswith("data:image/png;base64,") for src in self.image_sources))
+
+
+def markup(page: str) -> Markup:
+    parser = Markup()
+    parser.feed(page)
+    return parser
+
+
+def hostile_report() -> dict:
+    item = {"item_key": HOSTILE_KEY, "phase": "<b>phase</b>", "status": "failed",
+            "attempts": 1, "duration_s": 0.5, "error": HOSTILE_ERROR}
+    return {
+        "run_id": "0123abcd-4567-89ab-cdef-0123456789ab", "batch": "<u>batch</u>",
+        "partition": HOSTILE_PARTITION,
+        "status": "FAILURE x onmouseover=alert(4)", "stop_reason": "<marquee>stop</marquee>",
+        "files": {"report.report_html": "/out/<iframe src=x>/report.html"},
+        "phases": [{"phase": "<b>phase</b>", "items": 1, "succeeded": 0, "failed": 1,
+                    "rejected": 0, "invalid": 0, "skipped": 0, "success_rate": 0.0,
+                    "avg_s": 0.5, "p95_s": 0.5, "max_s": 0.5, "cost": 0.0, "tokens": 0}],
+        "throughput": {"edges_s": [], "per_phase": {}},
+        "durations": {"edges_s": [], "per_phase": {}},
+        "slowest": [item], "failed": [item] * 101,  # past FAILED_SHOWN: the hint with the run id
+        "step_failures": [{"step": "<s>step</s>", "error": "<object data=x>"}],
+    }
+
+
+@pytest.mark.unit
+def test_report_escapes_every_value_in_html_and_markdown() -> None:
+    page = render(hostile_report(), "html")
+    found = markup(page)
+    assert found.only_own_markup(), (found.tags, found.attributes)
+    assert "&lt;svg onload=alert(1)&gt;" in page and "&lt;script&gt;alert(3)" in page
+    markdown = render(hostile_report(), "md")
+    # Markdown passes raw HTML through: no `<` of the data may reach it.
+    assert "<" not in markdown
+    assert "&lt;svg onload=alert(1)&gt;" in markdown and "&lt;img src=x" in markdown
+
+
+@pytest.mark.job
+def test_hostile_partition_key_and_error_stay_text(batch_dir: Path,
+                                                   instance: dg.DagsterInstance) -> None:
+    (batch_dir / "hostile_report_tasks.py").write_text(
+        "def check(item, ctx):\n"
+        "    if item['id'] != 'ok':\n"
+        f"        raise ValueError({HOSTILE_ERROR.removeprefix('ValueError: ')!r})\n")
+    write_batch(batch_dir, {
+        "name": "hostile",
+        "source": {"type": "inline", "key": "id", "items": [{"id": HOSTILE_KEY}, {"id": "ok"}]},
+        "phases": [{"name": "check", "task": "python",
+                    "params": {"function": "hostile_report_tasks:check"}}],
+        "options": {"on_error": "continue", "tolerated_failures": 1},
+        "after": [{"task": "report", "params": {"formats": ["html", "md"]}}],
+    })
+    result = run_batch(batch_dir, instance, "hostile", HOSTILE_PARTITION)
+    assert result.success
+    ledger = BatchStorageResource().ledger(instance)
+    report = build_report(instance, ledger, result.run_id)
+    assert report["partition"] == HOSTILE_PARTITION
+    assert [(f["item_key"], f["error"]) for f in report["failed"]] == [(HOSTILE_KEY,
+                                                                       HOSTILE_ERROR)]
+    folder = Path(instance.root_directory) / "batch_output" / "hostile" / HOSTILE_PARTITION
+    pages = [render(report, "html"), (folder / "report.html").read_text()]
+    for page in pages:
+        found = markup(page)
+        assert found.only_own_markup(), (found.tags, found.attributes)
+        assert "&lt;svg onload=alert(1)&gt;" in page
+    for text in (render(report, "md"), (folder / "report.md").read_text()):
+        assert "<svg" not in text and "<img" not in text and "<script" not in text
+        assert "&lt;svg onload=alert(1)&gt;" in text

@@ -21,8 +21,9 @@ from batch_defs.items import Item
 from batch_defs.ledger import Ledger
 from batch_defs.loader import PACKAGE_BATCHES
 from batch_defs.tasks import AfterContext, TaskContext, build_after_handler, build_handler
-from batch_defs.tasks.sql import SqlError, SqlParams, dispose_engines
+from batch_defs.tasks.sql import SqlError, SqlParams
 from batch_defs.tasks.templating import TemplateSecurityError
+from resources.database import DatabaseResource
 from resources.storage import BatchStorageResource
 from tests.conftest import PG_ADMIN_URL, engine_plan, run_batch, write_batch
 
@@ -33,9 +34,25 @@ HOSTILE = ["'); drop table people; --", 'Robert"); DELETE FROM people WHERE ("1"
 TARGET_DDL = (PACKAGE_BATCHES / "data" / "migration_target.sql").read_text()
 
 
+# The resources handlers called directly get, as a run would give them (set per test).
+RESOURCES: dict[str, DatabaseResource] = {}
+
+
+@pytest.fixture(autouse=True)
+def database() -> Iterator[DatabaseResource]:
+    """The resource owning the engines of this test's handlers, disposed at its end (so that
+    its databases can be dropped), as a run's teardown does."""
+    resource = DatabaseResource()
+    RESOURCES["database"] = resource
+    yield resource
+    resource.dispose()
+    RESOURCES.clear()
+
+
 def context(tmp_path: Path, key: str = "1", phase: str = "load") -> TaskContext:
     return TaskContext(params={}, batch="people", partition="p1", run_id="run-1", phase=phase,
-                       key=key, base_dir=tmp_path, output_dir=tmp_path / "out")
+                       key=key, base_dir=tmp_path, output_dir=tmp_path / "out",
+                       resources=dict(RESOURCES))
 
 
 def execute(url: str, *statements: str) -> None:
@@ -79,7 +96,6 @@ def fresh_database(admin_url: str, create: str, drop: str) -> Iterator[str]:
     try:
         yield admin_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        dispose_engines()  # pooled connections of the task would block the drop
         with admin.connect() as conn:
             conn.execute(sa.text(drop.format(name=name)))
         admin.dispose()
@@ -237,7 +253,8 @@ def test_chunk_and_batch_transactions_in_every_mode(target: str, tmp_path: Path,
             stage(item, context(tmp_path, str(item["id"]), phase=mode))
     assert len(table_rows(url, "counts")) == 4  # nothing visible before the commit
     commit = build_after_handler("sql_commit", {"url": url}, tmp_path)
-    after = AfterContext({}, "people", "p1", "run-1", {}, tmp_path, tmp_path, list(phases))
+    after = AfterContext({}, "people", "p1", "run-1", {}, tmp_path, tmp_path, list(phases),
+                         resources=dict(RESOURCES))
     assert commit(None, after) == {"committed_rows": 5, "committed_tables": ["counts"]}
     assert table_rows(url, "counts") == [(1, "up", 10), (2, "upd", 20), (5, "n5", 5),
                                          (9, "new", 9), (10, "ins", 1)]
@@ -432,3 +449,125 @@ def test_migration_in_chunk_transactions_commits_all_but_the_poison(
     failed = recorded[recorded["status"] == "failed"]
     assert list(failed["item_key"]) == ["700"]
     assert "value too long for type character(2)" in failed["error"].iloc[0]
+
+
+def constrained_target(url: str) -> None:
+    """members: CHECK, UNIQUE and a foreign key to teams; one member exists already."""
+    execute(url, "drop table if exists members", "drop table if exists teams",
+            "create table teams (id integer primary key, name varchar(50) not null)",
+            "insert into teams values (1, 'red'), (2, 'blue')",
+            "create table members (id integer primary key, email varchar(100) not null, "
+            "team_id integer not null, score integer not null, "
+            "constraint score_not_negative check (score >= 0), "
+            "constraint members_email_unique unique (email), "
+            "constraint members_team_fk foreign key (team_id) references teams (id))",
+            "insert into members values (100, 'taken@example.com', 1, 5)")
+
+
+def member(i: int, bad: bool) -> dict[str, Any]:
+    """Item i; `bad` items 4, 7, 9 and 11 break one constraint each (11 repeats 10's email)."""
+    email = "taken@example.com" if bad and i == 7 else f"m{i}@example.com"
+    return {"id": i, "email": "m10@example.com" if bad and i == 11 else email,
+            "team_id": 99 if bad and i == 9 else 1 + i % 2, "score": -1 if bad and i == 4 else i}
+
+
+def members_spec(url: str, bad: bool) -> dict:
+    return {
+        "name": "members",
+        "source": {"type": "inline", "key": "id", "items": [member(i, bad) for i in range(1, 13)]},
+        "phases": [{"name": "load", "task": "sql",
+                    "params": {"url": url, "table": "members", "transaction": "batch"}}],
+        "options": {"concurrency": 3, "chunk_size": 5, "on_error": "continue"},
+        "after": [{"task": "sql_commit", "params": {"url": url}}],
+    }
+
+
+# What each database says about each refused item (constraint names where it gives them).
+REFUSALS = {
+    "sqlite": {"4": "CHECK constraint failed", "7": "UNIQUE constraint failed: members.email",
+               "9": "FOREIGN KEY constraint failed",
+               "11": "UNIQUE constraint failed: members.email"},
+    "postgresql": {"4": "score_not_negative", "7": "members_email_unique",
+                   "9": "members_team_fk", "11": "members_email_unique"},
+    "mysql": {"4": "score_not_negative", "7": "members_email_unique", "9": "members_team_fk",
+              "11": "members_email_unique"},
+}
+
+
+@pytest.mark.job
+@pytest.mark.parametrize("target", [
+    "sqlite_target",
+    pytest.param("pg_target", marks=pytest.mark.postgres),
+    pytest.param("mariadb_target", marks=pytest.mark.integration),
+])
+def test_commit_refusal_fails_exactly_the_refused_items(target: str, batch_dir: Path,
+                                                        instance: dg.DagsterInstance,
+                                                        request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue(target)
+    constrained_target(url)
+    before = table_rows(url, "members")
+    write_batch(batch_dir, members_spec(url, bad=True))
+    failed = run_batch(batch_dir, instance, "members")
+
+    assert not failed.success
+    assert table_rows(url, "members") == before  # all or nothing: nothing
+    ledger = BatchStorageResource().ledger(instance)
+    rows = ledger.rows(failed.run_id).set_index("item_key")
+    refused = sorted(rows.index[rows["status"] == "failed"], key=int)
+    assert refused == ["4", "7", "9", "11"]
+    assert (rows["status"] == "succeeded").sum() == 8
+    expected = REFUSALS[sa.make_url(url).get_backend_name()]
+    for key, fragment in expected.items():
+        error = rows.loc[key, "error"]
+        assert error.startswith("SqlError: sql_commit insert members: ") and fragment in error
+    (message,) = [e.event_specific_data.error.message for e in failed.all_events
+                  if e.event_type_value == "STEP_FAILURE"]
+    assert "the target refused the staged rows of 4 items" in message
+    assert "load item '4': SqlError: sql_commit insert members: " in message
+    assert ledger.run(failed.run_id)["status"] == "failed"
+    # The staged rows wait for the next run: 12, each once.
+    (stage,) = [t for t in table_names(url) if t.startswith("members__stage_")]
+    assert len(table_rows(url, stage)) == 12
+
+    # The data is fixed; the partition runs again: only the refused items run, all commit.
+    write_batch(batch_dir, members_spec(url, bad=False))
+    fixed = run_batch(batch_dir, instance, "members")
+    assert fixed.success
+    again = ledger.rows(fixed.run_id)
+    assert sorted(again.loc[again["reused_from"].isna(), "item_key"], key=int) == refused
+    assert [r[0] for r in table_rows(url, "members")] == [*range(1, 13), 100]
+    assert table_rows(url, "members")[3] == (4, "m4@example.com", 1, 4)
+    assert not [t for t in table_names(url) if t.startswith("members__stage_")]
+
+
+@pytest.mark.job
+def test_a_refused_row_staged_by_an_earlier_run_is_redone(batch_dir: Path,
+                                                          instance: dg.DagsterInstance,
+                                                          sqlite_target: str) -> None:
+    constrained_target(sqlite_target)
+    spec = members_spec(sqlite_target, bad=False)
+    items = spec["source"]["items"]
+    items[1]["email"] = None  # refused when staged: the run fails before sql_commit
+    items[3]["score"] = -1  # staged fine, refused by the target's CHECK at the commit
+    write_batch(batch_dir, spec)
+    first = run_batch(batch_dir, instance, "members")
+    assert not first.success
+    items[1]["email"] = "m2@example.com"
+    write_batch(batch_dir, spec)
+    second = run_batch(batch_dir, instance, "members")  # item 4 is reused from the first run
+    assert not second.success
+    ledger = BatchStorageResource().ledger(instance)
+    for run in (first, second):  # neither run may pass item 4 on as done
+        rows = ledger.rows(run.run_id).set_index("item_key")
+        assert rows.loc["4", "status"] == "failed"
+        assert "CHECK constraint failed" in rows.loc["4", "error"]
+    assert ledger.rows(first.run_id).set_index("item_key").loc["4", "error"].endswith(
+        f"(found at run {second.run_id})")
+
+    items[3]["score"] = 4
+    write_batch(batch_dir, spec)
+    third = run_batch(batch_dir, instance, "members")
+    assert third.success
+    rows = ledger.rows(third.run_id)
+    assert list(rows.loc[rows["reused_from"].isna(), "item_key"]) == ["4"]
+    assert len(table_rows(sqlite_target, "members")) == 13

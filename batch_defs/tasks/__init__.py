@@ -26,6 +26,7 @@ from batch_defs.tasks.base import (
     AfterHandler,
     AfterType,
     Handler,
+    ItemsFailed,
     MissingExtra,
     RejectItem,
     SkipItem,
@@ -50,12 +51,13 @@ AFTER_TYPES: dict[str, AfterType] = {
     "report": AfterType(report.ReportParams, report.make_handler),
     "export": AfterType(report.ExportParams, report.make_export_handler),
     "python": AfterType(python.PythonParams, python.make_after_handler),
-    "sql_commit": AfterType(sql.SqlCommitParams, sql.make_commit_handler),
+    "sql_commit": AfterType(sql.SqlCommitParams, sql.make_commit_handler,
+                            resources=("database",)),
 }
 
-__all__ = ["AfterContext", "Handler", "MissingExtra", "RejectItem", "SkipItem", "TaskContext",
-           "TaskResult", "build_handler", "build_after_handler", "check_spec_tasks",
-           "task_resources"]
+__all__ = ["AFTER_TYPES", "AfterContext", "Handler", "ItemsFailed", "MissingExtra",
+           "RejectItem", "SkipItem", "TaskContext", "TaskResult", "build_after_handler",
+           "build_handler", "check_spec_tasks", "task_resources"]
 
 Loc = list[str | int]
 

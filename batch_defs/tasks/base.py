@@ -24,6 +24,18 @@ class RejectItem(Exception):  # noqa: N818 - it is a verdict, not an error
     """Raised by a quality gate (ctx.reject(rule)): recorded as rejected, never retried."""
 
 
+class ItemsFailed(Exception):  # noqa: N818 - it names the outcome, as SkipItem does
+    """Raised by an after step that finds specific items whose effect did not land (rows the
+    target refused at sql_commit). The after op records each as failed in the run's ledger,
+    so the next run of the partition does exactly them again, and fails the step.
+
+    `errors` maps (phase, item key) to the item's error message."""
+
+    def __init__(self, errors: Mapping[tuple[str, str], str], message: str):
+        super().__init__(message)
+        self.errors = dict(errors)
+
+
 @dataclass
 class TaskResult:
     """A handler's result with what it cost; `output` is what the next phase receives."""
@@ -118,6 +130,8 @@ class AfterContext:
     output_dir: Path
     phases: list[str] = field(default_factory=list)  # the batch's phases, in order
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("batch_defs.after"))
+    # The Dagster resources (by key) the after step's type declares (AfterType.resources).
+    resources: Mapping[str, Any] = field(default_factory=dict)
 
 
 AfterHandler = Callable[[Any, AfterContext], Mapping[str, Any] | None]
@@ -127,3 +141,4 @@ AfterHandler = Callable[[Any, AfterContext], Mapping[str, Any] | None]
 class AfterType:
     params: type[TaskParams]
     make_handler: Callable[[Any, Path], AfterHandler]
+    resources: tuple[str, ...] = ()  # Dagster resource keys its handler reads from ctx.resources

@@ -10,8 +10,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from batch_defs.secrets import mask
 from batch_defs.tasks.base import Handler, TaskContext, TaskParams, TaskResult
-from batch_defs.tasks.http import check_status, shared_client
+from batch_defs.tasks.http import check_status
 from batch_defs.tasks.python import import_function
 from batch_defs.tasks.templating import (
     compile_template,
@@ -88,14 +89,15 @@ def chat(resource: Any, messages: list[dict[str, str]], model: str, json_output:
     token = resource.bearer_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = f"{resource.endpoint().rstrip('/')}/chat/completions"
-    response = shared_client().post(url, json=payload, headers=headers,
-                                    timeout=resource.timeout_s)
+    response = resource.client().post(url, json=payload, headers=headers,
+                                      timeout=resource.timeout_s)
     check_status(response)
     try:
         data = response.json()
         content = data["choices"][0]["message"]["content"] or ""
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"POST {url}: not a chat completion: {response.text[:200]!r}") from exc
+        raise ValueError(mask(f"POST {url}: not a chat completion: "
+                              f"{response.text[:200]!r}")) from exc
     usage = data.get("usage") or {}
     prompt_tokens = int(usage.get("prompt_tokens") or 0)
     completion_tokens = int(usage.get("completion_tokens") or 0)

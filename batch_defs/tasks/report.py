@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -29,9 +30,13 @@ def write_table(rows: pd.DataFrame, stem: Path, fmt: str, title: str) -> Path:
     elif fmt == "parquet":
         rows.to_parquet(path, index=False)
     elif fmt == "md":
-        path.write_text(f"# {title}\n\n{rows.to_markdown(index=False)}\n", encoding="utf-8")
+        # Raw HTML is live in markdown: partition, keys and errors go in as entities.
+        text = rows.map(lambda v: html.escape(v, quote=False) if isinstance(v, str) else v)
+        path.write_text(f"# {html.escape(title, quote=False)}\n\n"
+                        f"{text.to_markdown(index=False)}\n", encoding="utf-8")
     elif fmt == "html":
-        table = rows.to_html(index=False, border=0, classes="items")
+        table = rows.to_html(index=False, border=0, classes="items")  # escapes the cells
+        title = html.escape(title)
         path.write_text(f"<!doctype html><title>{title}</title><h1>{title}</h1>{table}",
                         encoding="utf-8")
     return path

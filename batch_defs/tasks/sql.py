@@ -8,7 +8,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -18,15 +18,18 @@ import sqlalchemy as sa
 from pydantic import ConfigDict, Field, model_validator
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from batch_defs.tasks.base import AfterContext, AfterHandler, TaskContext, TaskParams
+from batch_defs.tasks.base import (
+    AfterContext,
+    AfterHandler,
+    ItemsFailed,
+    TaskContext,
+    TaskParams,
+)
 from batch_defs.tasks.templating import compile_value, template_env, template_vars
 
 Mode = Literal["insert", "upsert", "update", "delete"]
 STAGE_KEY = "batch_item_key"  # primary key of a staging table: re-staging an item replaces it
 STAGE_REGISTRY = "batch_sql_stage"  # which staging tables wait for sql_commit, and how
-
-_engines: dict[str, sa.Engine] = {}
-_engines_lock = threading.Lock()
 
 
 def resolve_url(url: str, base_dir: Path | None = None) -> str:
@@ -41,23 +44,8 @@ def resolve_url(url: str, base_dir: Path | None = None) -> str:
     return f"{prefix}{(base_dir / path).resolve()}{sep}{query}"
 
 
-def engine_for(url: str) -> sa.Engine:
-    """One engine (and connection pool) per URL and process, shared by a phase's slots."""
-    with _engines_lock:
-        if url not in _engines:
-            _engines[url] = _create_engine(url)
-        return _engines[url]
-
-
-def dispose_engines() -> None:
-    """Close every pooled connection (tests dropping their databases call this)."""
-    with _engines_lock:
-        for engine in _engines.values():
-            engine.dispose()
-        _engines.clear()
-
-
-def _create_engine(url: str) -> sa.Engine:
+def create_engine(url: str) -> sa.Engine:
+    """An engine for a target database (the `database` resource owns and disposes it)."""
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError as exc:
@@ -74,12 +62,23 @@ def _create_engine(url: str) -> sa.Engine:
     @sa.event.listens_for(engine, "connect")
     def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+        # SQLite checks foreign keys only when asked, per connection; a target's declared
+        # constraints hold here as on the other databases.
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
 
     @sa.event.listens_for(engine, "begin")
     def _begin_immediate(connection: sa.Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def database(resources: Mapping[str, Any], what: str) -> Any:
+    """The `database` resource, which owns the engines (one per URL) of a run."""
+    resource = resources.get("database")
+    if resource is None:
+        raise ValueError(f"{what} needs the `database` resource (DatabaseResource)")
+    return resource
 
 
 _ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -301,14 +300,15 @@ class SqlWriter:
         return field
 
     def target(self, ctx: TaskContext) -> Target:
+        resource = database(ctx.resources, "the sql task")
         if self.params.url:
             url = resolve_url(expand_env(self.params.url), self.base_dir)
         else:
-            url = ctx.resources["database"].url
+            url = resource.url
             if not url:
                 raise ValueError("no database: give the sql phase a `url` or configure the "
                                  "database resource")
-        engine = engine_for(url)
+        engine = resource.engine(url)
         with self.lock:
             if url not in self.tables:
                 if self.setup is not None:
@@ -474,15 +474,16 @@ class SqlCommitParams(TaskParams):
 
 
 def apply_stage(conn: sa.Connection, target: sa.Table, stage: sa.Table, mode: str,
-                keys: list[str]) -> None:
-    """Move the staged rows into the target (not committed yet)."""
+                keys: list[str], only: Sequence[str] | None = None) -> None:
+    """Move the staged rows (or those of the items `only`) into the target, uncommitted."""
     columns = [c.name for c in stage.columns if c.name != STAGE_KEY]
-    match = sa.and_(sa.true(), *[stage.c[k] == target.c[k] for k in keys])
+    chosen = [stage.c[STAGE_KEY].in_(only)] if only is not None else []
+    match = sa.and_(sa.true(), *chosen, *[stage.c[k] == target.c[k] for k in keys])
     if mode == "insert":
-        rows = sa.select(*[stage.c[c] for c in columns])
+        rows = sa.select(*[stage.c[c] for c in columns]).where(*chosen)
         conn.execute(target.insert().from_select(columns, rows))
     elif mode == "upsert":
-        rows = sa.select(*[stage.c[c] for c in columns])
+        rows = sa.select(*[stage.c[c] for c in columns]).where(*chosen)
         conn.execute(upsert_statement(target, conn.dialect.name, keys, columns, rows))
     elif mode == "update":
         changes = {c: sa.select(stage.c[c]).where(match).scalar_subquery()
@@ -492,46 +493,178 @@ def apply_stage(conn: sa.Connection, target: sa.Table, stage: sa.Table, mode: st
         conn.execute(target.delete().where(sa.exists().where(match)))
 
 
+# MySQL/MariaDB report a CHECK violation as an OperationalError (3819, 4025), like a lock
+# timeout; only these codes mean the target refused the data.
+MYSQL_CHECK_VIOLATIONS = frozenset({3819, 4025})
+DIAGNOSIS_BLOCK = 500  # staged rows tried at once when looking for the refused ones
+
+
+def refused_by_target(exc: sa.exc.SQLAlchemyError) -> bool:
+    """A constraint or data error (the rows' fault), not trouble with the connection."""
+    if isinstance(exc, sa.exc.IntegrityError | sa.exc.DataError):
+        return True
+    args = getattr(getattr(exc, "orig", None), "args", None) or (None,)
+    return isinstance(exc, sa.exc.OperationalError) and args[0] in MYSQL_CHECK_VIOLATIONS
+
+
+@dataclass
+class StagedTable:
+    """One registry entry of sql_commit: a phase's staging table and its target."""
+
+    phase: str
+    stage: sa.Table
+    target: sa.Table
+    mode: str
+    keys: list[str]
+    name: str
+    schema: str | None
+
+    def apply(self, conn: sa.Connection, only: Sequence[str] | None = None) -> None:
+        apply_stage(conn, self.target, self.stage, self.mode, self.keys, only)
+
+    def action(self) -> str:
+        return f"sql_commit {self.mode} {self.target.name}"
+
+
+def staged_tables(conn: sa.Connection, ctx: AfterContext, phase: str | None) -> list[StagedTable]:
+    """The partition's staging tables, in the batch's phase order (a later phase's rows may
+    refer to an earlier phase's)."""
+    registry = registry_table()
+    query = sa.select(registry).where(registry.c.batch == ctx.batch,
+                                      registry.c.partition == ctx.partition)
+    if phase:
+        query = query.where(registry.c.phase == phase)
+    order = {name: i for i, name in enumerate(ctx.phases)}
+    entries = sorted(conn.execute(query).mappings().all(),
+                     key=lambda s: (order.get(s["phase"], len(order)), s["phase"]))
+    return [StagedTable(e["phase"], reflect_in(conn, e["target_schema"], e["stage_table"]),
+                        reflect_in(conn, e["target_schema"], e["target_table"]), e["mode"],
+                        json.loads(e["key_columns"]), e["stage_table"], e["target_schema"])
+            for e in entries]
+
+
+def refused_items(conn: sa.Connection, staged: StagedTable,
+                  order: Mapping[tuple[str, str], int]) -> dict[str, str]:
+    """{item key: error} of the staged rows the target refuses, given the rows applied before
+    them: blocks of rows are applied in item order under savepoints, and a block that fails
+    is halved until the refused rows stand alone. Everything stays uncommitted."""
+    keys = [k for (k,) in conn.execute(sa.select(staged.stage.c[STAGE_KEY]))]
+    keys.sort(key=lambda k: (order.get((staged.phase, k), len(order)), k))
+    refused: dict[str, str] = {}
+
+    def search(block: list[str]) -> None:
+        try:
+            with conn.begin_nested():
+                staged.apply(conn, block)
+            return
+        except sa.exc.SQLAlchemyError as exc:
+            if not refused_by_target(exc):
+                raise
+            if len(block) == 1:
+                refused[block[0]] = f"SqlError: {db_error(staged.action(), exc)}"
+                return
+        half = len(block) // 2
+        search(block[:half])
+        search(block[half:])
+
+    for start in range(0, len(keys), DIAGNOSIS_BLOCK):
+        search(keys[start:start + DIAGNOSIS_BLOCK])
+    return refused
+
+
+def find_refused(engine: sa.Engine, ctx: AfterContext, phase: str | None,
+                 order: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], str]:
+    """Replay the commit in a transaction that is rolled back, to name the items whose rows
+    made it fail: {(phase, item key): error}."""
+    refused: dict[tuple[str, str], str] = {}
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        try:
+            if conn.dialect.name == "postgresql":
+                # Deferred constraints would otherwise only fail at COMMIT, for no one row.
+                conn.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
+            for staged in staged_tables(conn, ctx, phase):
+                # The rows it accepts stay applied, for later phases' rows to build on.
+                for key, error in refused_items(conn, staged, order).items():
+                    refused[(staged.phase, key)] = error
+        finally:
+            transaction.rollback()
+    return refused
+
+
+def item_order(rows: Any) -> dict[tuple[str, str], int]:
+    """(phase, item key) -> position in the source, from the run's ledger rows."""
+    if rows is None or not {"phase", "item_key", "seq"} <= set(getattr(rows, "columns", ())):
+        return {}
+    return {(str(p), str(k)): int(s)
+            for p, k, s in zip(rows["phase"], rows["item_key"], rows["seq"], strict=True)}
+
+
+def refused_message(refused: Mapping[tuple[str, str], str], shown: int = 3) -> str:
+    listed = "; ".join(f"{phase} item {key!r}: {error}"
+                       for (phase, key), error in list(refused.items())[:shown])
+    more = f" (and {len(refused) - shown} more)" if len(refused) > shown else ""
+    return (f"sql_commit: the target refused the staged rows of {len(refused)} items, so "
+            f"nothing was committed: {listed}{more}. They are marked failed in the ledger: "
+            "fix their data and run the partition again")
+
+
+def commit_staged(engine: sa.Engine, ctx: AfterContext,
+                  phase: str | None) -> tuple[list[StagedTable], dict[str, int]]:
+    """Every staged table into its target in one transaction: the targets change together
+    or not at all. Returns the tables and the rows committed per target."""
+    committed: dict[str, int] = {}
+    registry = registry_table()
+    with engine.begin() as conn:
+        stages = staged_tables(conn, ctx, phase)
+        for staged in stages:
+            count = conn.execute(sa.select(sa.func.count()).select_from(staged.stage)).scalar()
+            staged.apply(conn)
+            conn.execute(staged.stage.delete())
+            conn.execute(registry.delete().where(registry.c.stage_table == staged.name))
+            target = staged.target.name
+            committed[target] = committed.get(target, 0) + int(count or 0)
+    return stages, committed
+
+
+def drop_stages(engine: sa.Engine, url: str, stages: Iterable[StagedTable]) -> None:
+    """After the commit: MySQL ends a transaction at any DDL. An emptied staging table left
+    behind by a crash here is harmless and dropped next time."""
+    for staged in stages:
+        with _cache_lock:
+            _staged.discard((url, staged.schema, staged.name))
+        sa.Table(staged.name, sa.MetaData(), schema=staged.schema).drop(engine, checkfirst=True)
+
+
+def commit_failure(engine: sa.Engine, ctx: AfterContext, phase: str | None, rows: Any,
+                   exc: sa.exc.SQLAlchemyError) -> Exception:
+    """What a failed commit raises: ItemsFailed naming the items whose rows the target
+    refused (so that the next run redoes exactly them, while the others' staged rows wait for
+    its commit), else the database's error."""
+    failure = db_error("sql_commit", exc)
+    if not refused_by_target(exc):
+        return failure
+    try:
+        refused = find_refused(engine, ctx, phase, item_order(rows))
+    except sa.exc.SQLAlchemyError:  # the connection went: nobody to blame
+        return failure
+    if not refused:  # the rows pass one by one (e.g. two upserts of one key in a statement)
+        return failure
+    return ItemsFailed(refused, refused_message(refused))
+
+
 def make_commit_handler(params: SqlCommitParams, base_dir: Path) -> AfterHandler:
     def commit(rows: Any, ctx: AfterContext) -> dict[str, Any]:
         url = resolve_url(expand_env(params.url), base_dir)
-        engine = engine_for(url)
-        registry = registry_table()
+        engine = database(ctx.resources, "sql_commit").engine(url)
         if not sa.inspect(engine).has_table(STAGE_REGISTRY):
             ctx.log.info("sql_commit: nothing staged")
             return {"committed_rows": 0}
-        query = sa.select(registry).where(registry.c.batch == ctx.batch,
-                                          registry.c.partition == ctx.partition)
-        if params.phase:
-            query = query.where(registry.c.phase == params.phase)
-        order = {name: i for i, name in enumerate(ctx.phases)}
-        committed: dict[str, int] = {}
         try:
-            # One transaction for every staged table: the targets change together or not.
-            with engine.begin() as conn:
-                stages = sorted(conn.execute(query).mappings().all(),
-                                key=lambda s: (order.get(s["phase"], len(order)), s["phase"]))
-                for entry in stages:
-                    schema = entry["target_schema"]
-                    stage = reflect_in(conn, schema, entry["stage_table"])
-                    target = reflect_in(conn, schema, entry["target_table"])
-                    count = conn.execute(sa.select(sa.func.count()).select_from(stage)).scalar()
-                    apply_stage(conn, target, stage, entry["mode"],
-                                json.loads(entry["key_columns"]))
-                    conn.execute(stage.delete())
-                    conn.execute(registry.delete().where(
-                        registry.c.stage_table == entry["stage_table"]))
-                    committed[entry["target_table"]] = (committed.get(entry["target_table"], 0)
-                                                        + int(count or 0))
+            stages, committed = commit_staged(engine, ctx, params.phase)
         except sa.exc.SQLAlchemyError as exc:
-            raise db_error("sql_commit", exc) from exc
-        # Dropped after the commit: MySQL ends a transaction at any DDL. An emptied staging
-        # table left behind by a crash here is harmless and dropped next time.
-        for entry in stages:
-            with _cache_lock:
-                _staged.discard((url, entry["target_schema"], entry["stage_table"]))
-            sa.Table(entry["stage_table"], sa.MetaData(),
-                     schema=entry["target_schema"]).drop(engine, checkfirst=True)
+            raise commit_failure(engine, ctx, params.phase, rows, exc) from exc
+        drop_stages(engine, url, stages)
         total = sum(committed.values())
         ctx.log.info(f"sql_commit: {total} staged rows committed into {sorted(committed)}")
         return {"committed_rows": total, "committed_tables": sorted(committed)}
