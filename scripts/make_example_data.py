@@ -10,7 +10,7 @@ import sqlite3
 from datetime import date, timedelta
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "batch_defs" / "batches" / "data"
+BATCHES = Path(__file__).resolve().parent.parent / "batch_defs" / "batches"
 FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Dennis", "Ken",
          "Frances", "John", "Radia", "Tim", "Hedy", "Linus", "Guido", "Sophie", "Niklaus"]
 LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilton", "Ritchie",
@@ -127,16 +127,18 @@ def write_documents(path: Path, copies: int = 4) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=DATA, help="folder to write (default: the "
-                        "shipped batches' data folder)")
+    parser.add_argument("--out", type=Path, default=BATCHES, help="folder of the batch "
+                        "folders to write into (default: the shipped batches')")
     out = parser.parse_args().out
-    out.mkdir(parents=True, exist_ok=True)
-    write_invoices(random.Random(1), out / "invoices.csv")
-    write_users(random.Random(2), out / "users.db")
-    write_legacy(random.Random(3), out / "legacy.db")
-    write_packages(out / "packages.jsonl")
-    write_documents(out / "documents.jsonl")
-    print(f"wrote invoices.csv, users.db, legacy.db, packages.jsonl, documents.jsonl to {out}")
+    writers = {"invoices/data/invoices.csv": lambda p: write_invoices(random.Random(1), p),
+               "bulk_email/data/users.db": lambda p: write_users(random.Random(2), p),
+               "data_migration/data/legacy.db": lambda p: write_legacy(random.Random(3), p),
+               "package_build/data/packages.jsonl": write_packages,
+               "document_pipeline/data/documents.jsonl": write_documents}
+    for relative, write in writers.items():
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        write(out / relative)
+    print(f"wrote {', '.join(writers)} under {out}")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def test_invoices_mail_each_invoice_once_across_a_resume(
         tmp_path: Path, smtp_inbox: tuple[RefusingInbox, int]) -> None:
     inbox, port = smtp_inbox
-    with (PACKAGE_BATCHES / "data" / "invoices.csv").open(encoding="utf-8") as handle:
+    with (PACKAGE_BATCHES / "invoices" / "data" / "invoices.csv").open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     sample = rows[:24] + [rows[136]]  # INV-2026-0137 states a wrong total
     data = tmp_path / "march.csv"
@@ -134,7 +134,7 @@ def test_bulk_email_reaches_every_opted_in_user(instance: dg.DagsterInstance,
     monkeypatch.setenv("SMTP_PORT", str(port))
     result = run_batch(PACKAGE_BATCHES, instance, "bulk_email")
     assert result.success
-    engine = sa.create_engine(f"sqlite:///{PACKAGE_BATCHES / 'data' / 'users.db'}")
+    engine = sa.create_engine(f"sqlite:///{PACKAGE_BATCHES / 'bulk_email' / 'data' / 'users.db'}")
     with engine.connect() as conn:
         opted_in = {row[0] for row in conn.execute(sa.text(
             "select email from users where opted_in = 1"))}

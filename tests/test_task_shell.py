@@ -236,7 +236,7 @@ def overlap_peak(times: dict[str, tuple[float, float]]) -> int:
 
 
 PACKAGES = [json.loads(line) for line in
-            (PACKAGE_BATCHES / "data" / "packages.jsonl").read_text().splitlines()]
+            (PACKAGE_BATCHES / "package_build" / "data" / "packages.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.job

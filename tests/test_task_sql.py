@@ -31,7 +31,7 @@ MARIADB_ADMIN_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 HOSTILE = ["'); drop table people; --", 'Robert"); DELETE FROM people WHERE ("1"="1',
            "x' OR '1'='1", "{{ 7 * 7 }}", "back\\slash; \u00e9\u00e8 \U0001f600",
            "%s %(name)s :name ?"]
-TARGET_DDL = (PACKAGE_BATCHES / "data" / "migration_target.sql").read_text()
+TARGET_DDL = (PACKAGE_BATCHES / "data_migration" / "data" / "migration_target.sql").read_text()
 
 
 # The resources handlers called directly get, as a run would give them (set per test).
@@ -385,7 +385,7 @@ def test_batch_transaction_commits_all_or_nothing(batch_dir: Path, instance: dg.
 def poisoned_legacy(tmp_path: Path, country: str | None = None) -> Path:
     """A copy of the shipped legacy database, record 700 given a country the target refuses."""
     copy = tmp_path / "legacy.db"
-    shutil.copy(PACKAGE_BATCHES / "data" / "legacy.db", copy)
+    shutil.copy(PACKAGE_BATCHES / "data_migration" / "data" / "legacy.db", copy)
     if country is not None:
         with sqlite3.connect(copy) as conn:
             conn.execute("update legacy_customers set country_code = ? where cust_no = 700",
