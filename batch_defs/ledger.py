@@ -49,6 +49,7 @@ item_table = sa.Table(
     sa.Column("reused_from", sa.String(64)),  # run whose result this row carries over
     sa.Column("worker", sa.String(128)),  # host:pid of the process that ran the item
     sa.Column("skip_cause", sa.String(16)),  # SkipCause of a skipped row
+    sa.Column("branch", sa.String(128)),  # the route case that ran the item, if routed
     sa.UniqueConstraint("run_id", "phase", "item_key", name="uq_batch_item_run_phase_key"),
     sa.Index("ix_batch_item_partition", "batch", "partition", "phase", "item_key"),
     sa.Index("ix_batch_item_run_status", "run_id", "status"),
@@ -69,6 +70,34 @@ run_table = sa.Table(
     sa.Column("stop_kind", sa.String(16)),  # StopKind; stop_reason says it in words
     sa.Column("stop_reason", sa.Text),
     sa.Column("summary", sa.Text),
+    sa.Column("settings", sa.Text),  # JSON: changes made to the running batch (batch-defs set)
+)
+
+# Token buckets of rate limits shared by phases, runs and processes (`limits:` in a spec).
+limit_table = sa.Table(
+    "batch_limit",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("tokens", sa.Float, nullable=False),
+    sa.Column("rate_per_s", sa.Float, nullable=False),
+    sa.Column("capacity", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("state", sa.Text),  # JSON: adaptive backoff state
+)
+
+# Child processes items started (shell task): a resume ends those a killed run left behind.
+process_table = sa.Table(
+    "batch_process",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("phase", sa.String(128), nullable=False),
+    sa.Column("item_key", sa.String(512), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pgid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Index("ix_batch_process_run", "run_id"),
 )
 
 # Which run holds a partition: one live run per partition, whichever door launched it.
@@ -472,7 +501,7 @@ class Ledger:
 
 
 TEXT_COLUMNS = ("batch", "partition", "run_id", "phase", "item_key", "status", "error",
-                "reused_from", "worker", "skip_cause")
+                "reused_from", "worker", "skip_cause", "branch")
 
 
 def storable(text: str) -> str:
