@@ -235,8 +235,8 @@ def overlap_peak(times: dict[str, tuple[float, float]]) -> int:
     return peak
 
 
-PACKAGES = [json.loads(line) for line in
-            (PACKAGE_BATCHES / "package_build" / "data" / "packages.jsonl").read_text().splitlines()]
+PACKAGES_FILE = PACKAGE_BATCHES / "package_build" / "data" / "packages.jsonl"
+PACKAGES = [json.loads(line) for line in PACKAGES_FILE.read_text().splitlines()]
 
 
 @pytest.mark.job
