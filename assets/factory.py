@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import dagster as dg
 
-from batch_defs.control import HOST, describe_holder, holder_is_live
+from batch_defs.control import HOST, describe_holder, holder_is_live, take_over
 from batch_defs.engine import RunEngine, RunPlan
 from batch_defs.fanout import spool_source
 from batch_defs.item_failures import record_item_failures
@@ -110,12 +110,18 @@ class BatchStep:
         # Under the multiprocess executor a step is a child of the run's process, which
         # outlives it; elsewhere the step runs in the run's process itself.
         pid = os.getppid() if self.spec.options.executor == "multiprocess" else os.getpid()
-        holder = self.ledger.acquire_lease(
+        take = self.ledger.acquire_lease(
             self.spec.name, self.partition, self.run_id, HOST, pid,
             lambda held: holder_is_live(self.context.instance, held))
-        if holder is not None:
-            raise dg.Failure(describe_holder(holder, self.spec.name, self.partition),
+        if take.held_by is not None:
+            raise dg.Failure(describe_holder(take.held_by, self.spec.name, self.partition),
                              allow_retries=False)
+        if take.replaced is not None:
+            # A run that died holding the partition: its leftovers go before items run again.
+            ended = take_over(self.context.instance, self.ledger, take.replaced)
+            if ended:
+                self.context.log.warning(f"ended {ended} process(es) left running by run "
+                                         f"{take.replaced.run_id}")
 
     def engine(self) -> RunEngine:
         """The run's engine in this process, made by the first step that needs it."""

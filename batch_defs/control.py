@@ -5,7 +5,9 @@ The CLI, the ops and the sensors all decide these things here, so that every doo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import dagster as dg
+import psutil
 
 from batch_defs.ledger import LeaseHolder, Ledger, StopRequest
 from batch_defs.states import RunState, StopKind
@@ -58,6 +61,52 @@ def holder_is_live(instance: dg.DagsterInstance, holder: LeaseHolder) -> bool:
     if holder.host == HOST:
         return pid_alive(holder.pid)
     return time.time() - holder.heartbeat_at < LEASE_TTL_S
+
+
+def group_members(pgid: int, started_at: float) -> list[int]:
+    """Processes of process group `pgid` started since `started_at`: the group an item began,
+    not an unrelated one that reuses the number."""
+    members = []
+    for process in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["create_time"] >= started_at - 1:
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def end_leftover_processes(ledger: Ledger, run_id: str) -> int:
+    """End the child processes a run's items started and left running (a killed run's shell
+    commands and what they started); returns how many processes were ended."""
+    ended = 0
+    for record in ledger.processes(run_id):
+        if record.host != HOST:
+            continue  # another machine's processes are that machine's to end
+        members = group_members(record.pgid, record.started_at)
+        if members:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(record.pgid, signal.SIGKILL)
+            ended += len(members)
+        ledger.unregister_process(record.id)
+    return ended
+
+
+def take_over(instance: dg.DagsterInstance, ledger: Ledger, holder: LeaseHolder) -> int:
+    """Clean up after a run that died holding a partition, before its items run again: its
+    child processes ended, its Dagster run and ledger row marked failed. Returns how many
+    processes were ended."""
+    ended = end_leftover_processes(ledger, holder.run_id)
+    run = instance.get_run_by_id(holder.run_id)
+    if run is None:
+        return ended
+    if not run.is_finished and holder.host == HOST and not pid_alive(holder.pid):
+        instance.report_run_failed(run, f"process {holder.pid} is gone; its partition was "
+                                        "taken over by another run")
+        run = instance.get_run_by_id(holder.run_id) or run
+    if run.is_finished:
+        reconcile(instance, ledger, run)
+    return ended
 
 
 def describe_holder(holder: LeaseHolder, batch: str, partition: str) -> str:
@@ -208,6 +257,7 @@ def prepare_resume(instance: dg.DagsterInstance, ledger: Ledger, prefix: str) ->
     if not partition:
         raise ControlError(f"run {run.run_id} has no partition")
     reconcile(instance, ledger, run)
+    end_leftover_processes(ledger, run.run_id)  # before its items run again
     return ResumePlan(run, run.job_name, partition)
 
 

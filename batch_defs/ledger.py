@@ -173,6 +173,28 @@ class KnownOutcome:
     other_run: bool
 
 
+@dataclass(frozen=True)
+class LeaseTake:
+    """What taking a partition's lease came to: ours (both None), held by a live run, or ours
+    after replacing a run that is gone."""
+
+    held_by: LeaseHolder | None = None
+    replaced: LeaseHolder | None = None
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A child process group an item started; removed when the process has ended."""
+
+    id: int
+    run_id: str
+    phase: str
+    item_key: str
+    host: str
+    pgid: int
+    started_at: float  # the group leader's start time, to tell it from a reused pid
+
+
 class LedgerWriteError(RuntimeError):
     """Outcomes the ledger could not store even one by one; the step must fail."""
 
@@ -375,10 +397,11 @@ class Ledger:
         return LeaseHolder(*row) if row else None
 
     def acquire_lease(self, batch: str, partition: str, run_id: str, host: str, pid: int,
-                      is_live: Callable[[LeaseHolder], bool]) -> LeaseHolder | None:
-        """Take the partition for `run_id`: None when it is ours now, else the live run that
-        holds it. A holder that `is_live` says is gone is replaced by compare-and-swap, so two
-        runs taking over the same dead lease cannot both win."""
+                      is_live: Callable[[LeaseHolder], bool]) -> LeaseTake:
+        """Take the partition for `run_id`, unless a live run holds it (`held_by`). A holder
+        that `is_live` says is gone is replaced by compare-and-swap, so two runs taking over
+        the same dead lease cannot both win; the one replaced is returned (`replaced`), so
+        that what it left behind can be cleaned up."""
         t = lease_table.c
         now = time.time()
         mine = {"run_id": run_id, "host": host, "pid": pid, "heartbeat_at": now}
@@ -388,23 +411,46 @@ class Ledger:
             ).on_conflict_do_nothing(index_elements=["batch", "partition"])
             with self.engine.begin() as conn:
                 if conn.execute(insert).rowcount:
-                    return None
+                    return LeaseTake()
             holder = self.lease_holder(batch, partition)
             if holder is None:
                 continue
-            if holder.run_id != run_id and is_live(holder):
-                return holder
-            values = mine if holder.run_id != run_id else {"host": host, "pid": pid,
-                                                          "heartbeat_at": now}
-            if holder.run_id != run_id:
-                values = {**values, "acquired_at": now}
+            ours = holder.run_id == run_id  # a later step (or process) of the same run
+            if not ours and is_live(holder):
+                return LeaseTake(held_by=holder)
+            values = {"host": host, "pid": pid, "heartbeat_at": now}
+            if not ours:
+                values.update(run_id=run_id, acquired_at=now)
             swap = lease_table.update().where(
                 t.batch == batch, t.partition == partition, t.run_id == holder.run_id,
                 t.heartbeat_at == holder.heartbeat_at).values(**values)
             with self.engine.begin() as conn:
                 if conn.execute(swap).rowcount:
-                    return None
-        return self.lease_holder(batch, partition)
+                    return LeaseTake(replaced=None if ours else holder)
+        return LeaseTake(held_by=self.lease_holder(batch, partition))
+
+    # Child processes items started (the shell task), so that a resume can end those a
+    # killed run left behind before it runs their items again.
+
+    def register_process(self, run_id: str, phase: str, item_key: str, host: str, pgid: int,
+                         started_at: float) -> int:
+        with self.engine.begin() as conn:
+            key = conn.execute(process_table.insert().values(
+                run_id=run_id, phase=phase, item_key=storable(item_key), host=host, pgid=pgid,
+                started_at=started_at)).inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+    def unregister_process(self, process_id: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(process_table.delete().where(process_table.c.id == process_id))
+
+    def processes(self, run_id: str) -> list[ProcessRecord]:
+        t = process_table.c
+        with self.engine.connect() as conn:
+            return [ProcessRecord(*row) for row in conn.execute(
+                sa.select(t.id, t.run_id, t.phase, t.item_key, t.host, t.pgid, t.started_at)
+                .where(t.run_id == run_id))]
 
     def heartbeat(self, batch: str, partition: str, run_id: str) -> None:
         t = lease_table.c

@@ -235,10 +235,14 @@ class BatchSpec(StrictModel):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
-        from dagster._utils.schedules import is_valid_cron_string
+        import dagster as dg
 
-        if value is not None and not is_valid_cron_string(value):
-            raise ValueError(f"{value!r} is not a valid cron expression")
+        if value is None:
+            return value
+        try:  # Dagster's own check, through its public API
+            dg.ScheduleDefinition(name="cron_check", cron_schedule=value, job_name="cron_check")
+        except dg.DagsterInvalidDefinitionError:
+            raise ValueError(f"{value!r} is not a valid cron expression") from None
         return value
 
     @field_validator("phases")

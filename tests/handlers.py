@@ -94,3 +94,15 @@ def crash_first_step(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
         open(marker, "w").close()
         raise SystemExit("worker lost")  # not an Exception: escapes the item's retries
     return {"ok": True}
+
+
+def after_then_wait(rows: Any, ctx: Any) -> dict[str, Any]:
+    """An after step that says it has started (params.marker) and then waits for a release
+    file beside it, so a test can kill the run inside an after step."""
+    marker = ctx.params["marker"]
+    release = os.path.join(os.path.dirname(marker), "release")
+    open(marker, "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"waited": True}

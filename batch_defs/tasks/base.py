@@ -93,6 +93,18 @@ class TaskContext:
         message id of a sent email), so a retry or resume can skip doing it again."""
         self.journal.remember(self.idempotency_key, value)
 
+    def track_process(self, pgid: int, started_at: float) -> Callable[[], None]:
+        """Record a child process group this item started (kept in the ledger, the run's
+        journal), so that a resume after a crash ends it before running the item again;
+        call the returned function once the process has ended."""
+        register = getattr(self.journal, "register_process", None)
+        if register is None:  # a journal outside a batch run (tests): nothing to clean up
+            return lambda: None
+        from batch_defs.control import HOST
+
+        record = register(self.run_id, self.phase, self.key, HOST, pgid, started_at)
+        return lambda: self.journal.unregister_process(record)  # type: ignore[attr-defined]
+
     def skip(self, reason: str) -> None:
         raise SkipItem(reason)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydantic import Field
 
 from batch_defs.tasks.base import Handler, TaskContext, TaskParams
@@ -66,17 +69,37 @@ def working_dir(relative: str, ctx: TaskContext) -> Path:
     return path
 
 
-def run_command(argv: list[str], cwd: Path, env: dict[str, str],
-                timeout_s: float | None) -> tuple[int, bytes, bytes]:
-    """(exit code, stdout, stderr). The command gets its own process group, so a
-    timeout kills whatever it started too (a script's children would otherwise hold the
-    pipes open and keep the item waiting)."""
+# Linux: the command gets SIGKILL when the run's process dies (even by SIGKILL), through
+# util-linux's setpriv, not preexec_fn (which is not safe in a process with threads).
+DEATH_SIGNAL = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
+def resolve_program(program: str, env: dict[str, str], cwd: Path) -> str:
+    """The program to run, checked first, so a missing one is named whatever wraps it."""
+    if os.sep in program:
+        path = (cwd / program) if not os.path.isabs(program) else Path(program)
+        if path.is_file() and os.access(path, os.X_OK):
+            return program
+    elif shutil.which(program, path=env.get("PATH", os.defpath)):
+        return program
+    raise FileNotFoundError(f"command not found: {program!r}")
+
+
+def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float | None,
+                ctx: TaskContext | None = None) -> tuple[int, bytes, bytes]:
+    """(exit code, stdout, stderr). The command gets its own process group, so a timeout
+    kills whatever it started too (a script's children would otherwise hold the pipes open
+    and keep the item waiting); it dies with the run's process, and the group is recorded
+    in the ledger so that a resume ends what a killed run left running."""
+    resolve_program(argv[0], env, cwd)
+    process = subprocess.Popen([*DEATH_SIGNAL, *argv], cwd=cwd, env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
     try:
-        process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   start_new_session=True)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"command not found: {argv[0]!r}") from exc
+        started = psutil.Process(process.pid).create_time()
+    except psutil.NoSuchProcess:  # already over: there is nothing left to track
+        started = time.time()
+    ended = ctx.track_process(process.pid, started) if ctx is not None else (lambda: None)
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -88,6 +111,7 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str],
         if process.poll() is None:  # the item's thread is being torn down: no orphans
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        ended()
     return process.returncode, stdout, stderr
 
 
@@ -111,7 +135,7 @@ def make_handler(params: ShellParams, base_dir: Path) -> Handler:
         with_env = {**variables, "_env": environment_values(env_names)}
         environ.update({name: render(t, with_env, f"env.{name}")
                         for name, t in variables_env.items()})
-        code, stdout, stderr = run_command(command, folder, environ, params.timeout_s)
+        code, stdout, stderr = run_command(command, folder, environ, params.timeout_s, ctx)
         if code != 0:
             raise CommandFailedError(f"{command[0]} exited with {code}: "
                                      f"{tail(stderr, 1000).strip() or '(no stderr)'}", code)
