@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from batch_defs import yamlio
 from batch_defs.spec import BatchSpec
 
 PACKAGE_BATCHES = Path(__file__).parent / "batches"
@@ -120,12 +121,10 @@ def parse_batch(text: str, path: Path) -> BatchSpec:
     """Parse YAML text of one batch; raise SpecError naming file, line and field."""
     display = path.name
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        raise SpecError([SpecProblem(display, line, "", f"invalid YAML: {exc.problem}")]) from exc
+        data, root = yamlio.load(text)
+    except yamlio.YamlError as exc:
+        raise SpecError([SpecProblem(display, p.line, format_loc(p.loc), p.message)
+                         for p in exc.problems]) from exc
     if not isinstance(data, dict):
         raise SpecError([SpecProblem(display, 1, "", "a batch file must be a YAML mapping")])
     try:

@@ -216,3 +216,121 @@ def test_shipped_batches_all_load() -> None:
     batches = load_batches()
     assert "demo" in batches
     assert batches["demo"].spec.options.concurrency == 10
+
+
+PHASE = '{name: one, task: python, params: {function: "tests.handlers:sleep_ms"}}'
+
+
+def test_duplicate_keys_name_both_lines() -> None:
+    found = problems(f"""\
+        name: invoices
+        source: {{type: inline, items: [{{a: 1}}]}}
+        phases: [{PHASE}]
+        options:
+          concurrency: 4
+          concurrency: 5
+        phases: [{PHASE.replace("one", "two")}]
+        """)
+    assert found == [
+        "invoices.yaml:6 options.concurrency: duplicate key 'concurrency' (lines 5 and 6)",
+        "invoices.yaml:7 phases: duplicate key 'phases' (lines 3 and 7)",
+    ]
+
+
+def test_keys_equal_once_built_are_duplicates_but_merges_are_not() -> None:
+    found = problems(f"""\
+        name: invoices
+        source: {{type: inline, items: [{{1: a, 1.0: b}}]}}
+        phases: [{PHASE}]
+        """)
+    assert found == ["invoices.yaml:2 source.items[0].1.0: duplicate key '1.0' (lines 2 and 2)"]
+    spec = parse_batch(textwrap.dedent("""\
+        name: invoices
+        source: {type: inline, items: [{a: 1}]}
+        phases:
+          - &base {name: one, task: python, params: {function: "tests.handlers:sleep_ms"}}
+          - <<: *base
+            name: two
+        """), Path("invoices.yaml"))
+    assert [p.name for p in spec.phases] == ["one", "two"]
+
+
+def test_only_true_and_false_are_booleans() -> None:
+    spec = parse_batch(textwrap.dedent(f"""\
+        name: invoices
+        source: {{type: inline, items: [{{a: 1}}]}}
+        phases: [{PHASE}]
+        notify: {{on: [failure], email: [ops@example.com]}}
+        tags: {{a: yes, b: no, c: on, d: off, e: y, f: n, g: NO, h: 1:30}}
+        options: {{budget: {{max_cost: 2.5}}}}
+        """), Path("invoices.yaml"))
+    assert spec.notify is not None and spec.notify.on == ["failure"]
+    assert spec.tags == {"a": "yes", "b": "no", "c": "on", "d": "off", "e": "y", "f": "n",
+                         "g": "NO", "h": "1:30"}
+    assert spec.options.budget.max_cost == 2.5
+    retry = parse_batch(textwrap.dedent("""\
+        name: invoices
+        source: {type: inline, items: [{a: 1}]}
+        phases:
+          - {name: one, task: python, params: {function: "tests.handlers:sleep_ms"},
+             retry: {jitter: False}, merge_output: TRUE}
+        """), Path("invoices.yaml")).phases[0]
+    assert retry.retry.jitter is False and retry.merge_output is True
+
+
+def test_spec_is_parsed_once_with_the_c_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from batch_defs import yamlio
+
+    assert issubclass(yamlio.loader_class(), yaml.CSafeLoader)
+    calls = []
+    original = yamlio.loader_class().get_single_node
+
+    def counted(self: object) -> object:
+        calls.append(1)
+        return original(self)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the text is parsed a second time")
+
+    monkeypatch.setattr(yamlio.loader_class(), "get_single_node", counted)
+    monkeypatch.setattr(yaml, "compose", refused)
+    monkeypatch.setattr(yaml, "safe_load", refused)
+    parse_batch(textwrap.dedent(f"""\
+        name: invoices
+        source: {{type: inline, items: [{{a: 1}}]}}
+        phases: [{PHASE}]
+        """), Path("invoices.yaml"))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: invoices\ntags: {a: &x [1, *x]}\n",
+     "invoices.yaml:2 tags.a[1]: an alias refers to a value that contains it"),
+    ("name: invoices\nwhen: 2026-13-45\n",
+     "invoices.yaml:2: invalid YAML: '2026-13-45' is not a valid timestamp: month must be in "
+     "1..12"),
+    ("name: invoices\nbig: " + "9" * 5000 + "\n",
+     "invoices.yaml:2: invalid YAML: '9999999999999999999999999999999999999999' is not a "
+     "valid int: more than 4300 digits"),
+    ("name: invoices\ntags:\n  a: \"x\x00y\"\n",
+     "invoices.yaml:3: invalid YAML: character #x0000: control characters are not allowed"),
+    ("name: invoices\nphases: " + "[" * 2000 + "]" * 2000 + "\n",
+     "invoices.yaml:2: invalid YAML: exceeded maximum nesting depth"),
+    ("name: invoices\n---\nname: other\n",
+     "invoices.yaml:2: invalid YAML: but found another document"),
+    ("name: invoices\n\tphases: []\n",
+     "invoices.yaml:2: invalid YAML: found a tab character that violates indentation"),
+])
+def test_hostile_yaml_is_a_spec_error_with_its_line(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_alias_bomb_is_refused_before_it_is_built() -> None:
+    lines = ["name: invoices", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    found = problems("\n".join(lines) + "\n")
+    assert found == ["invoices.yaml:8 a6: aliases make this document larger than 2,000,000 "
+                     "values"]
+
