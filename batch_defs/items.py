@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batch_defs.sources import RawRecord, SourceError
-from batch_defs.validation import build_item_model, validate_item
+from batch_defs.validation import ItemSchema
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,10 @@ def check_records(records: Iterable[RawRecord], key_field: str | None,
                   schema: dict[str, str] | None, max_items: int) -> Iterator[Item | InvalidRow]:
     """Give each record a key and validate it, streaming: every record comes out as an Item
     or an InvalidRow, never dropped. Only the keys seen so far are kept in memory."""
-    model = build_item_model(schema) if schema else None
+    try:
+        checker = ItemSchema(schema) if schema else None
+    except ValueError as exc:  # a spec built in code; loaded files are checked at load time
+        raise SourceError(f"schema: {exc}") from exc
     first_row: dict[str, int] = {}
     for count, record in enumerate(records, start=1):
         if count > max_items:
@@ -83,8 +86,8 @@ def check_records(records: Iterable[RawRecord], key_field: str | None,
             # Claimed even if the record fails the schema: a key twice in a source is
             # ambiguous whichever copy is valid.
             first_row[key] = record.row
-        if reason is None and model is not None and data is not None:
-            data, reason = validate_item(model, data)
+        if reason is None and checker is not None and data is not None:
+            data, reason = checker.check(data)
         if reason is not None:
             yield InvalidRow(key, record.row, data, reason)
             continue

@@ -143,8 +143,11 @@ def parse_batch(text: str, path: Path) -> BatchSpec:
                         f"must equal the file name {path.stem!r}")
         )
     from batch_defs.tasks import check_spec_tasks  # tasks import the loader's types
+    from batch_defs.validation import schema_problems
 
-    for loc, message in check_spec_tasks(spec, path.parent):
+    found = [(["source", "schema", *loc], message)
+             for loc, message in schema_problems(spec.source.schema_)]
+    for loc, message in found + check_spec_tasks(spec, path.parent):
         problems.append(SpecProblem(display, _line_of(root, loc), format_loc(loc), message))
     if problems:
         raise SpecError(problems)

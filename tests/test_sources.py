@@ -224,8 +224,8 @@ def test_records_become_items_or_invalid_rows(tmp_path: Path) -> None:
     assert [e.key for e in entries if isinstance(e, Item)] == ["1"]
     assert [e.error for e in entries if isinstance(e, InvalidRow)] == [
         "row 3: duplicate key '1' (first at row 2)",
-        "row 4: email: value is not a valid email address: An email address must have an "
-        "@-sign.",
+        "row 4: email: is not an email address ('not-an-email': An email address must have "
+        "an @-sign.)",
         "row 5: missing key field 'id'",
         "row 6: expected 2 columns, found 3",
     ]

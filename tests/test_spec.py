@@ -334,3 +334,17 @@ def test_alias_bomb_is_refused_before_it_is_built() -> None:
     assert found == ["invoices.yaml:8 a6: aliases make this document larger than 2,000,000 "
                      "values"]
 
+
+
+def test_unknown_schema_type_is_an_error_at_load() -> None:
+    found = problems(f"""\
+        name: invoices
+        source:
+          type: inline
+          items: [{{id: 1}}]
+          schema:
+            id: integer
+        phases: [{PHASE}]
+        """)
+    assert len(found) == 1
+    assert found[0].startswith("invoices.yaml:6 source.schema.id: unknown type 'integer' (known: ")
