@@ -231,25 +231,46 @@ def _is_dead_letter(path: Path) -> bool:
 
 
 def with_overrides(spec: BatchSpec, data: str | Path | None = None,
-                   sets: Sequence[str] = ()) -> BatchSpec:
-    """The spec with --data (replaces source.path) and --set key=value overrides applied."""
+                   sets: Sequence[str] = (), *, base_dir: Path | None = None) -> BatchSpec:
+    """The spec with --data (replaces source.path) and --set key=value overrides applied and
+    checked like the file itself, task types and params included; each problem names the
+    change it comes from. base_dir is the batch file's folder, where task params' relative
+    paths resolve (default: the folder of the batch file named like the spec, else the cwd)."""
     if not data and not sets:
         return spec
     raw = spec.model_dump(by_alias=True, exclude_unset=True)
+    changes = yamlio.Changes()
     if data:
         raw["source"] = source_for_file(raw["source"], Path(data).expanduser().resolve())
-    for assignment in sets:
-        dotted, sep, value = assignment.partition("=")
-        if not sep or not dotted.strip():
-            raise SpecError([SpecProblem("--set", None, assignment, "expected KEY=VALUE")])
+        changes.add(f"--data {data}", ("source",))
+    for text in sets:
         try:
-            _set_path(raw, dotted.strip(), yaml.safe_load(value))
-        except (IndexError, KeyError, TypeError, ValueError) as exc:
-            raise SpecError([SpecProblem("--set", None, dotted, f"no such field ({exc})")]) from exc
+            assignment = yamlio.parse_assignment(text)
+            yamlio.apply_assignment(raw, assignment)
+        except yamlio.YamlError as exc:
+            raise SpecError([SpecProblem(f"--set {text}", None, format_loc(p.loc), p.message)
+                             for p in exc.problems]) from exc
+        changes.add(f"--set {text}", assignment.loc)
     try:
-        return BatchSpec.model_validate(raw)
+        changed = BatchSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError([
-            SpecProblem("--set", None, format_loc(_clean_loc(e["loc"])), _message(e))
-            for e in exc.errors()
-        ]) from exc
+        found = [(_clean_loc(e["loc"]), _message(e)) for e in exc.errors()]
+        blamed = changes.blame(found)
+        raise SpecError([SpecProblem(who, None, format_loc(field), message)
+                         for who, field, message in blamed]) from exc
+    from batch_defs.tasks import check_spec_tasks
+    from batch_defs.validation import schema_problems
+
+    found = [(["source", "schema", *loc], message)
+             for loc, message in schema_problems(changed.source.schema_)]
+    if changed.name != spec.name:
+        found.append((["name"], f"must equal the file name {spec.name!r}"))
+    blamed = changes.blame(found)
+    if not blamed and changes.touch("phases", "after"):
+        folder = base_dir or next((f.parent for f in batch_files() if f.stem == spec.name),
+                                  Path.cwd())
+        blamed = changes.blame(check_spec_tasks(changed, folder), new_only=True)
+    if blamed:
+        raise SpecError([SpecProblem(who, None, format_loc(field), message)
+                         for who, field, message in blamed])
+    return changed

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,84 @@ def load(text: str) -> tuple[Any, yaml.Node | None]:
         raise YamlError([YamlProblem(None, (), "nested too deeply")]) from exc
     finally:
         loader.dispose()
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One `--set KEY=VALUE`: KEY is a dotted path (`phases[0].retry.max_attempts`), VALUE YAML
+    read by the same rules as a batch file."""
+
+    text: str
+    loc: Loc
+    value: Any
+
+    def covers(self, loc: Sequence[str | int]) -> bool:
+        """Whether a problem at loc can come from this assignment (one path contains the other)."""
+        shorter = min(len(self.loc), len(loc))
+        return tuple(loc[:shorter]) == self.loc[:shorter]
+
+
+class Changes:
+    """What each command-line change (--data, --set) replaced, to name the one a problem in
+    the changed spec comes from."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Loc]] = []  # (the change as typed, path it replaced)
+
+    def add(self, who: str, loc: Loc) -> None:
+        self.entries.append((who, loc))
+
+    def touch(self, *tops: str) -> bool:
+        return any(loc[:1] in [(top,) for top in tops] for _, loc in self.entries)
+
+    def blame(self, problems: Iterable[tuple[Sequence[str | int], str]], *,
+              new_only: bool = False) -> list[tuple[str, Loc, str]]:
+        """(change, field, message) for each (loc, message) problem of the changed spec; field
+        is loc unless it is the changed path itself. A problem that no change overlaps concerns
+        the whole spec (the last change is named), or, with new_only, was there when the file
+        loaded (left out)."""
+        blamed = []
+        for loc, message in problems:
+            at = tuple(loc)
+            hits = [(who, own) for who, own in self.entries if at[:len(own)] == own[:len(at)]]
+            if hits or (self.entries and not new_only):
+                who, own = (hits or self.entries)[-1]
+                blamed.append((who, () if at == own else at, message))
+        return blamed
+
+
+def parse_assignment(text: str) -> Assignment:
+    key, sep, value = text.partition("=")
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
+    if not sep or not parts:
+        raise YamlError([YamlProblem(None, (), "expected KEY=VALUE")])
+    loc = tuple(int(p) if p.isdigit() else p for p in parts)
+    try:
+        return Assignment(text, loc, load(value)[0])
+    except YamlError as exc:
+        raise YamlError([YamlProblem(p.line, (*loc, *p.loc), p.message)
+                         for p in exc.problems]) from exc
+
+
+def apply_assignment(data: dict[str, Any], assignment: Assignment) -> None:
+    """Set the value in data (a spec as plain dicts and lists), creating missing mappings."""
+    target: Any = data
+    for depth, part in enumerate(assignment.loc):
+        last = depth == len(assignment.loc) - 1
+        if isinstance(target, list):
+            if not isinstance(part, int) or not 0 <= part < len(target):
+                raise YamlError([YamlProblem(None, assignment.loc[:depth],
+                                             f"has no entry [{part}] (it has {len(target)})")])
+            if last:
+                target[part] = assignment.value
+            target = target[part]
+        elif isinstance(target, dict):
+            if last:
+                target[part] = assignment.value
+            target = target.setdefault(part, {})
+        else:
+            raise YamlError([YamlProblem(None, assignment.loc[:depth],
+                                         f"is {target!r}, which has no field {part!r}")])
 
 
 def read_text(path: Path) -> str:

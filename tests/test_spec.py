@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from batch_defs.loader import SpecError, load_batch, load_batches, parse_batch, with_overrides
+from batch_defs.spec import BatchSpec
 
 pytestmark = pytest.mark.unit
 
@@ -207,7 +208,7 @@ def test_overrides_set_fields_and_report_bad_values(example_dir: Path) -> None:
     assert spec.options.concurrency == 10  # the loaded spec itself is untouched
     with pytest.raises(SpecError) as info:
         with_overrides(spec, sets=["options.concurrency=99"])
-    assert str(info.value) == "--set options.concurrency: must be <= 50"
+    assert str(info.value) == "--set options.concurrency=99: must be <= 50"
     with pytest.raises(SpecError, match="expected KEY=VALUE"):
         with_overrides(spec, sets=["options.concurrency"])
 
@@ -334,6 +335,45 @@ def test_alias_bomb_is_refused_before_it_is_built() -> None:
     assert found == ["invoices.yaml:8 a6: aliases make this document larger than 2,000,000 "
                      "values"]
 
+
+def set_problems(spec: BatchSpec, *sets: str, **folder: Path) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        with_overrides(spec, sets=sets, **folder)
+    return [str(p) for p in info.value.problems]
+
+
+def test_overrides_get_the_task_checks_and_name_the_assignment(example_dir: Path) -> None:
+    spec = load_batch(example_dir / "invoices.yaml").spec
+    found = set_problems(spec, "options.concurrency=4", "phases[0].task=bogus")
+    assert len(found) == 1
+    assert found[0].startswith("--set phases[0].task=bogus: unknown task type 'bogus' (known: ")
+    found = set_problems(spec, "phases[1].params.function=nowhere_xyz:run",
+                         base_dir=example_dir)
+    assert found[0].startswith("--set phases[1].params.function=nowhere_xyz:run "
+                               "phases[1].params: cannot import module 'nowhere_xyz'")
+    assert set_problems(spec, "name=other") == [
+        "--set name=other: must equal the file name 'invoices'"]
+    assert set_problems(spec, "source.schema.amount=money")[0].startswith(
+        "--set source.schema.amount=money: unknown type 'money'")
+    assert set_problems(spec, "phases[7].task=python") == [
+        "--set phases[7].task=python phases: has no entry [7] (it has 2)"]
+    assert set_problems(spec, "tags={a: 1, a: 2}") == [
+        "--set tags={a: 1, a: 2} tags.a: duplicate key 'a' (lines 1 and 1)"]
+    assert set_problems(spec, "options.concurrency.max=3") == [
+        "--set options.concurrency.max=3 options.concurrency: is 10, which has no field 'max'"]
+    # A changed template is looked for beside the batch file, like the file's own.
+    changed = with_overrides(spec, sets=["phases[0].params.template=templates/invoice.md.j2"],
+                             base_dir=example_dir)
+    assert changed.phases[0].params["template"] == "templates/invoice.md.j2"
+
+
+def test_override_values_follow_the_file_rules(example_dir: Path) -> None:
+    spec = load_batch(example_dir / "invoices.yaml").spec
+    changed = with_overrides(spec, sets=["notify.on=[failure]", "tags.flag=yes",
+                                         "phases[0].retry.jitter=false"])
+    assert changed.notify is not None and changed.notify.on == ["failure"]
+    assert changed.tags["flag"] == "yes"
+    assert changed.phases[0].retry.jitter is False
 
 
 def test_unknown_schema_type_is_an_error_at_load() -> None:
