@@ -229,3 +229,66 @@ def test_records_become_items_or_invalid_rows(tmp_path: Path) -> None:
         "row 5: missing key field 'id'",
         "row 6: expected 2 columns, found 3",
     ]
+
+
+def csv_rows(tmp_path: Path, data: bytes | str, **fields: object) -> list[RawRecord]:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    (tmp_path / "f.csv").write_bytes(raw)
+    return rows(CsvSourceSpec.model_validate({"type": "csv", "path": "f.csv", **fields}),
+                tmp_path)
+
+
+@pytest.mark.unit
+def test_csv_stray_quote_is_one_invalid_row_and_reading_resumes(tmp_path: Path) -> None:
+    found = csv_rows(tmp_path, 'id,name\n1,"Bob\n2,Alice\n3,Carol\n')
+    assert found == [
+        RawRecord(2, None, "unterminated quote: the quoted field opened on this line runs to "
+                           "the end of the file"),
+        RawRecord(3, {"id": "2", "name": "Alice"}), RawRecord(4, {"id": "3", "name": "Carol"})]
+    # The stray quote pairs with the next quote, which text follows: the same verdict.
+    found = csv_rows(tmp_path, 'id,name\n1,"Bob\n2,Alice\n3,"Carol"\n4,"multi\nline"\n')
+    assert found == [
+        RawRecord(2, None, "unterminated quote: the quoted field opened on this line closes on "
+                           "line 4 with text after the closing quote"),
+        RawRecord(3, {"id": "2", "name": "Alice"}), RawRecord(4, {"id": "3", "name": "Carol"}),
+        RawRecord(5, {"id": "4", "name": "multi\nline"})]
+    # Within one line, a quote with text after it is a malformed row, as before.
+    assert csv_rows(tmp_path, 'id,name\n1,"Bob" Jr\n2,x\n') == [
+        RawRecord(2, None, "malformed CSV row: ',' expected after '\"'"),
+        RawRecord(3, {"id": "2", "name": "x"})]
+
+
+@pytest.mark.unit
+def test_csv_quoted_field_longer_than_the_limit_ends_at_its_line(tmp_path: Path) -> None:
+    body = "".join(f"{i},note {i}\n" for i in range(20_000))  # no quote anywhere after it
+    found = csv_rows(tmp_path, 'id,note\n0,"runaway\n' + body)
+    assert found[0] == RawRecord(2, None, "unterminated quote: the quoted field opened on this "
+                                          "line is longer than 131072 characters")
+    assert len(found) == 20_001 and found[-1] == RawRecord(20_002, {"id": "19999",
+                                                                   "note": "note 19999"})
+
+
+@pytest.mark.unit
+def test_csv_bad_bytes_inside_a_quoted_field_make_its_row_invalid(tmp_path: Path) -> None:
+    found = csv_rows(tmp_path, b'id,note\n1,"first\nsecond \xff\nthird"\n2,ok\n')
+    assert found == [RawRecord(2, None, "line 3: not valid utf-8 (byte 8 of the line)"),
+                     RawRecord(5, {"id": "2", "note": "ok"})]
+
+
+@pytest.mark.unit
+def test_csv_header_problems_are_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"^f\.csv: header row: the column 'id' appears more "
+                                          r"than once \(columns 1 and 3\)$"):
+        csv_rows(tmp_path, "id,name,id\n1,a,2\n")
+    with pytest.raises(SourceError, match=r"^f\.csv: columns: 'customer_id' and 'id' would "
+                                          r"both become the field 'id'$"):
+        csv_rows(tmp_path, "customer_id,id\n1,2\n", columns={"customer_id": "id"})
+    for empty in (b"", b"\n\n", b"\xef\xbb\xbf"):
+        with pytest.raises(SourceError, match=r"^f\.csv: the file is empty \(a CSV source needs "
+                                              r"a header row\)$"):
+            csv_rows(tmp_path, empty)
+    with pytest.raises(SourceError, match=r"^f\.csv: header row \(line 1\): unterminated quote"):
+        csv_rows(tmp_path, 'id,"name\n1,x\n')
+    assert csv_rows(tmp_path, "id,name\n") == []
+    assert csv_rows(tmp_path, "\nid,name\n1,x\n") == [RawRecord(3, {"id": "1", "name": "x"})]
+

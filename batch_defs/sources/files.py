@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,17 @@ def read_inline(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         yield RawRecord(row, dict(data))
 
 
-def _decoded_lines(path: Path, encoding: str, bad: dict[int, str]) -> Iterator[str]:
-    """The file's lines decoded one by one: a line with bytes that are not valid in the
-    encoding becomes an empty line, its reason noted in `bad`, instead of failing the file."""
+@dataclass(frozen=True)
+class _Line:
+    number: int
+    text: str
+    bad: str | None = None  # why the line's bytes are not valid in the encoding
+
+
+def _decoded_lines(path: Path, encoding: str) -> Iterator[_Line]:
+    """The file's lines one by one. A line with bytes that are not valid in the encoding is
+    decoded with U+FFFD in their place (quotes and delimiters stay where they are) and says
+    why in `bad`, so that it fails its own row and no other."""
     # utf-8-sig also reads files that start with a byte-order mark (as spreadsheets write).
     codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     handle = _open(path, "latin-1")  # only to report a missing file the same way as others
@@ -35,45 +45,114 @@ def _decoded_lines(path: Path, encoding: str, bad: dict[int, str]) -> Iterator[s
     with path.open("rb") as raw:
         for number, line in enumerate(raw, start=1):
             try:
-                yield line.decode(codec if number == 1 else encoding.replace("-sig", ""))
+                yield _Line(number, line.decode(codec if number == 1 else encoding))
             except UnicodeDecodeError as exc:
-                bad[number] = f"not valid {encoding} (byte {exc.start + 1} of the line)"
-                yield "\n"
+                yield _Line(number, line.decode(codec if number == 1 else encoding, "replace"),
+                            f"not valid {encoding} (byte {exc.start + 1} of the line)")
+
+
+@dataclass
+class _CsvRow:
+    first: int  # file lines, as an editor shows them (a quoted field may span lines)
+    last: int
+    values: list[str] | None
+    reason: str | None = None
+
+
+def _csv_rows(lines: Iterator[_Line], delimiter: str) -> Iterator[_CsvRow]:
+    """Logical CSV rows. A quoted field may span lines; one that runs to the end of the file,
+    over the field size limit, or into a quote followed by text is taken for a stray quote:
+    its first line becomes an invalid row and reading resumes on the next line."""
+    pending: deque[_Line] = deque()
+    taken: list[_Line] = []
+
+    def feed() -> Iterator[str]:
+        while line := (pending.popleft() if pending else next(lines, None)):
+            taken.append(line)
+            yield line.text
+
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+    while True:
+        taken.clear()
+        try:
+            values: list[str] | None = next(reader)
+            error = None
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            values, error = None, str(exc)
+        row = _CsvRow(taken[0].number, taken[-1].number, values)
+        if error is not None and (row.last > row.first or _runs_on(error)):
+            row.reason = _stray_quote(error, row.last)
+            pending.extendleft(reversed(taken[1:]))
+            reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+        elif error is not None:
+            row.reason = f"malformed CSV row: {error}"
+        else:
+            row.reason = next((line.bad if len(taken) == 1 else f"line {line.number}: {line.bad}"
+                               for line in taken if line.bad), None)
+        yield row
+
+
+def _runs_on(error: str) -> bool:
+    return error == "unexpected end of data" or "field limit" in error
+
+
+def _stray_quote(error: str, last: int) -> str:
+    if error == "unexpected end of data":
+        how = "runs to the end of the file"
+    elif "field limit" in error:
+        how = f"is longer than {csv.field_size_limit()} characters"
+    else:
+        how = f"closes on line {last} with text after the closing quote"
+    return f"unterminated quote: the quoted field opened on this line {how}"
 
 
 def read_csv(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
     path = resolve_path(spec.path, base_dir)
-    bad: dict[int, str] = {}
-    reader = csv.reader(_decoded_lines(path, spec.encoding, bad), delimiter=spec.delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as exc:
-        raise SourceError(f"{path.name}: cannot read the header row: {exc}") from exc
-    if 1 in bad:
-        raise SourceError(f"{path.name}: header row: {bad[1]}")
-    width = len(header)
-    while True:
-        # Row numbers are file lines, as an editor shows them (quoted fields may span lines).
-        row = reader.line_num + 1
-        try:
-            values = next(reader)
-        except StopIteration:
-            values = None
-        except csv.Error as exc:
-            yield RawRecord(row, None, f"malformed CSV row: {exc}")
+    rows = _csv_rows(_decoded_lines(path, spec.encoding), spec.delimiter)
+    header = next((row for row in rows if row.values != []), None)
+    if header is None:
+        raise SourceError(f"{path.name}: the file is empty (a CSV source needs a header row)")
+    if header.reason or header.values is None:
+        raise SourceError(f"{path.name}: header row (line {header.first}): {header.reason}")
+    names = _field_names(path, header.values, spec.columns)
+    for row in rows:
+        if row.reason is not None or row.values is None:
+            yield RawRecord(row.first, None, row.reason)
+        elif not row.values:  # blank line
             continue
-        for number in sorted(n for n in bad if n <= reader.line_num):
-            yield RawRecord(number, None, bad.pop(number))
-        if values is None:
-            return
-        if not values:  # blank line
-            continue
-        if len(values) != width:
-            yield RawRecord(row, None, f"expected {width} columns, found {len(values)}")
-            continue
-        yield RawRecord(row, rename(dict(zip(header, values, strict=True)), spec.columns))
+        elif len(row.values) != len(names):
+            yield RawRecord(row.first, None, _width_problem(len(names), row))
+        else:
+            yield RawRecord(row.first, dict(zip(names, row.values, strict=True)))
+
+
+def _field_names(path: Path, header: list[str], columns: dict[str, str] | None) -> list[str]:
+    """The item field of each column. A name twice would silently drop a column's values."""
+    first: dict[str, int] = {}
+    for position, name in enumerate(header, start=1):
+        if name in first:
+            raise SourceError(f"{path.name}: header row: the column {name!r} appears more than "
+                              f"once (columns {first[name]} and {position})")
+        first[name] = position
+    names = [(columns or {}).get(name, name) for name in header]
+    for name, field in zip(header, names, strict=True):
+        clash = next((other for other, f in zip(header, names, strict=True)
+                      if f == field and other != name), None)
+        if clash is not None:
+            pair = sorted([name, clash])
+            raise SourceError(f"{path.name}: columns: {pair[0]!r} and {pair[1]!r} would both "
+                              f"become the field {field!r}")
+    return names
+
+
+def _width_problem(width: int, row: _CsvRow) -> str:
+    problem = f"expected {width} columns, found {len(row.values or [])}"
+    if row.last > row.first:
+        problem += (f" (the row spans lines {row.first}-{row.last}: a quoted field continues "
+                    f"over line breaks; look for a stray quote on line {row.first})")
+    return problem
 
 
 def read_json(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
@@ -102,24 +181,23 @@ def read_json(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
 
 def read_jsonl(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
     path = resolve_path(spec.path, base_dir)
-    bad: dict[int, str] = {}
-    for row, line in enumerate(_decoded_lines(path, spec.encoding, bad), start=1):
-        if row in bad:
-            yield RawRecord(row, None, bad.pop(row))
+    for line in _decoded_lines(path, spec.encoding):
+        if line.bad:
+            yield RawRecord(line.number, None, line.bad)
             continue
-        if not line.strip():
+        if not line.text.strip():
             continue
         try:
-            data = json.loads(line)
+            data = json.loads(line.text)
         except json.JSONDecodeError as exc:
-            yield RawRecord(row, None, f"invalid JSON: {exc.msg}")
+            yield RawRecord(line.number, None, f"invalid JSON: {exc.msg}")
             continue
         if spec.field and isinstance(data, dict):
             data = data.get(spec.field)
         if isinstance(data, dict):
-            yield RawRecord(row, data)
+            yield RawRecord(line.number, data)
         else:
-            yield RawRecord(row, None, f"record is a {type(data).__name__}, not an object")
+            yield RawRecord(line.number, None, f"record is a {type(data).__name__}, not an object")
 
 
 def read_parquet(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
