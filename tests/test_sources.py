@@ -19,6 +19,7 @@ from batch_defs.sources import RawRecord, SourceError, read_source
 from batch_defs.spec import (
     CsvSourceSpec,
     HttpSourceSpec,
+    JsonlSourceSpec,
     JsonSourceSpec,
     ParquetSourceSpec,
     SqlSourceSpec,
@@ -292,3 +293,23 @@ def test_csv_header_problems_are_source_errors(tmp_path: Path) -> None:
     assert csv_rows(tmp_path, "id,name\n") == []
     assert csv_rows(tmp_path, "\nid,name\n1,x\n") == [RawRecord(3, {"id": "1", "name": "x"})]
 
+
+@pytest.mark.unit
+def test_jsonl_lines_python_cannot_parse_are_invalid_rows(tmp_path: Path) -> None:
+    lines = [b'{"id": 1}', b'[' * 100_000 + b']' * 100_000, b'{"id": ' + b"9" * 5000 + b"}",
+             b'{"id": "\\ud800"}', b'{"id": 2, "name": "\xff"}', b'{"id": ' + b'{"a": ' * 101
+             + b"1" + b"}" * 102, b'{"id": NaN}', b'{"id": 1e999}', b'{"id": "\\ud83d\\ude00"}',
+             b'{"id": 3}']
+    (tmp_path / "f.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    found = rows(JsonlSourceSpec(type="jsonl", path="f.jsonl"), tmp_path)
+    assert found == [
+        RawRecord(1, {"id": 1}),
+        RawRecord(2, None, "nested deeper than 100 levels"),
+        RawRecord(3, None, "invalid JSON: a number with more than 4300 digits"),
+        RawRecord(4, None, "id: not valid Unicode ('\\ud800': a lone surrogate)"),
+        RawRecord(5, None, "not valid utf-8 (byte 20 of the line)"),
+        RawRecord(6, None, "nested deeper than 100 levels"),
+        RawRecord(7, None, "invalid JSON: NaN is not a JSON number"),
+        RawRecord(8, None, "id: not a finite number (inf)"),
+        RawRecord(9, {"id": "\U0001F600"}),
+        RawRecord(10, {"id": 3})]

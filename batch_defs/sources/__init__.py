@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,48 @@ def rename(data: dict[str, Any], columns: dict[str, str] | None) -> dict[str, An
     if not columns:
         return data
     return {columns.get(k, k): v for k, v in data.items()}
+
+
+# Deeper records are invalid: the spool and the ledger write records as JSON, whose encoder
+# recurses once per level (and no real record needs a hundred).
+MAX_NESTING = 100
+
+
+def record_problem(data: Any) -> str | None:
+    """Why a parsed record cannot be kept as it is, or None. On the way, decimals (how the
+    streaming JSON parser gives non-integers) become floats, in place. Refused: nesting
+    deeper than MAX_NESTING, text with lone surrogates (not valid Unicode: no UTF-8 for it,
+    so no email, file or database could take it) and numbers that are not finite."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, path = stack.pop()
+        if path.count(".") >= MAX_NESTING:
+            return f"nested deeper than {MAX_NESTING} levels"
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            where = f"{path}.{key}"
+            if isinstance(key, str) and not _unicode(key):
+                return f"a field name is not valid Unicode ({key!r}: a lone surrogate)"
+            if isinstance(value, dict | list):
+                stack.append((value, where))
+            elif isinstance(value, str) and not _unicode(value):
+                return (f"{where.lstrip('.')}: not valid Unicode ({value[:40]!r}: a lone "
+                        "surrogate)")
+            elif isinstance(value, float | Decimal):
+                number = float(value)  # a decimal too large for a float becomes inf
+                if not math.isfinite(number):
+                    return f"{where.lstrip('.')}: not a finite number ({value})"
+                node[key] = number
+    return None
+
+
+def _unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 Reader = Callable[[Any, Path], Iterator[RawRecord]]

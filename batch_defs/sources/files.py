@@ -7,10 +7,19 @@ import json
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from batch_defs.sources import RawRecord, SourceError, dig, rename, resolve_path
+from batch_defs.sources import (
+    MAX_NESTING,
+    RawRecord,
+    SourceError,
+    dig,
+    record_problem,
+    rename,
+    resolve_path,
+)
 
 
 def _open(path: Path, encoding: str, newline: str | None = None) -> Any:
@@ -24,7 +33,9 @@ def _open(path: Path, encoding: str, newline: str | None = None) -> Any:
 
 def read_inline(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
     for row, data in enumerate(spec.items, start=1):
-        yield RawRecord(row, dict(data))
+        record = dict(data)
+        problem = record_problem(record)
+        yield RawRecord(row, None, problem) if problem else RawRecord(row, record)
 
 
 @dataclass(frozen=True)
@@ -187,17 +198,41 @@ def read_jsonl(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
             continue
         if not line.text.strip():
             continue
-        try:
-            data = json.loads(line.text)
-        except json.JSONDecodeError as exc:
-            yield RawRecord(line.number, None, f"invalid JSON: {exc.msg}")
-            continue
-        if spec.field and isinstance(data, dict):
+        data, problem = parse_json_line(line.text)
+        if problem is None and spec.field and isinstance(data, dict):
             data = data.get(spec.field)
-        if isinstance(data, dict):
-            yield RawRecord(line.number, data)
-        else:
-            yield RawRecord(line.number, None, f"record is a {type(data).__name__}, not an object")
+        if problem is None and not isinstance(data, dict):
+            problem = f"record is {json_type(data)}, not an object"
+        problem = problem or record_problem(data)
+        yield RawRecord(line.number, None, problem) if problem else RawRecord(line.number, data)
+
+
+def parse_json_line(text: str) -> tuple[Any, str | None]:
+    """(value, None), or (None, why Python's JSON parser cannot take the text): besides syntax
+    errors, nesting beyond its recursion limit, integers over 4300 digits, NaN and Infinity."""
+    try:
+        return json.loads(text, parse_constant=_no_constant), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        return None, f"nested deeper than {MAX_NESTING} levels"
+    except ValueError as exc:
+        reason = str(exc) if "JSON number" in str(exc) else "a number with more than 4300 digits"
+        return None, f"invalid JSON: {reason}"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, with its article."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float | Decimal):
+        return "a number"
+    names = {str: "a string", list: "a list", dict: "an object", type(None): "null"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def read_parquet(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
