@@ -87,7 +87,7 @@ def test_json_and_jsonl_readers(tmp_path: Path) -> None:
     (tmp_path / "doc.json").write_text(json.dumps({"data": {"items": [{"id": 1}, 5]}}))
     spec = JsonSourceSpec(type="json", path="doc.json", records="data.items")
     assert list(read_source(spec, tmp_path)) == [
-        RawRecord(1, {"id": 1}), RawRecord(2, None, "record is a int, not an object")]
+        RawRecord(1, {"id": 1}), RawRecord(2, None, "record is a number, not an object")]
     (tmp_path / "doc.jsonl").write_text('{"id": 1}\n{broken\n\n{"id": 3}\n')
     rows = list(read_source(JsonlSourceSpec(type="jsonl", path="doc.jsonl"), tmp_path))
     assert [r.row for r in rows] == [1, 2, 4]

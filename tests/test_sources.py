@@ -55,8 +55,12 @@ def test_json_keeps_nested_objects_and_names_bad_lines(tmp_path: Path) -> None:
     spec = JsonSourceSpec(type="json", path="doc.json", records="data.items")
     assert rows(spec, tmp_path)[0].data == {"id": 1, "address": {"city": "Oslo"}, "tags": ["a"]}
     (tmp_path / "bad.json").write_text('{"data":\n  [1,\n  oops]}')
-    with pytest.raises(SourceError, match=r"bad.json:3: invalid JSON"):
+    with pytest.raises(SourceError, match=r"bad.json: expected a list of records at the top "):
         rows(JsonSourceSpec(type="json", path="bad.json"), tmp_path)
+    assert rows(JsonSourceSpec(type="json", path="bad.json", records="data"), tmp_path) == [
+        RawRecord(1, None, "record is a number, not an object"),
+        RawRecord(2, None, "line 3: invalid JSON: unexpected 'oops'; the rest of the file "
+                           "cannot be read, so this record and any after it are missing")]
     with pytest.raises(SourceError, match=r"doc.json: no field 'rows' on the path 'data.rows'"):
         rows(JsonSourceSpec(type="json", path="doc.json", records="data.rows"), tmp_path)
 
@@ -313,3 +317,98 @@ def test_jsonl_lines_python_cannot_parse_are_invalid_rows(tmp_path: Path) -> Non
         RawRecord(8, None, "id: not a finite number (inf)"),
         RawRecord(9, {"id": "\U0001F600"}),
         RawRecord(10, {"id": 3})]
+
+
+def json_rows(tmp_path: Path, data: bytes | str, records: str | None = None) -> list[RawRecord]:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    (tmp_path / "f.json").write_bytes(raw)
+    return rows(JsonSourceSpec(type="json", path="f.json", records=records), tmp_path)
+
+
+STOPPED = "the rest of the file cannot be read, so this record and any after it are missing"
+
+
+@pytest.mark.unit
+def test_json_streams_records_as_plain_numbers(tmp_path: Path) -> None:
+    doc = ('{"meta": {"items": "not these"}, "data": {"items": [\n'
+           '{"id": 1, "x": 1.5, "big": 123456789012345678901234567890, "when": null},\n'
+           '5,\n{"id": 2, "emoji": "\\ud83d\\ude00", "tags": ["a", {"deep": [1e-3]}]}\n]}}')
+    found = json_rows(tmp_path, doc, "data.items")
+    assert found == [
+        RawRecord(1, {"id": 1, "x": 1.5, "big": 123456789012345678901234567890, "when": None}),
+        RawRecord(2, None, "record is a number, not an object"),
+        RawRecord(3, {"id": 2, "emoji": "\U0001F600", "tags": ["a", {"deep": [0.001]}]})]
+    assert type(found[0].data["x"]) is float  # type: ignore[index]
+    assert json_rows(tmp_path, '[]') == []
+
+
+@pytest.mark.unit
+def test_json_record_problems_are_invalid_rows_and_reading_goes_on(tmp_path: Path) -> None:
+    deep = '{"a": ' * 150 + "1" + "}" * 150
+    doc = f'[{{"id": 1}}, {{"id": "\\ud800"}}, {deep}, {{"id": 1e999}}, {{"id": 2}}]'
+    assert json_rows(tmp_path, doc) == [
+        RawRecord(1, {"id": 1}),
+        RawRecord(2, None, "id: not valid Unicode ('\\ud800': a lone surrogate)"),
+        RawRecord(3, None, "nested deeper than 100 levels"),
+        RawRecord(4, None, "id: not a finite number (1E+999)"),
+        RawRecord(5, {"id": 2})]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("tail", "valid", "reason"), [
+    (b'{"id": 3,\n oops}]', 2, "line 4: invalid JSON: unexpected 'oops'"),
+    (b'{"id": "caf\xe9"}]', 2, "line 3: not valid utf-8 (byte 13 of the line)"),
+    (b'{"id": ' + b"7" * 5000 + b"}]", 2, "line 3: a number with more than 4300 digits"),
+    (b'{"id": ' + b"[" * 5000 + b"]" * 5000 + b"}]", 2,
+     "line 3: nested deeper than 1000 levels"),
+    (b'{"id": 3}', 3, "line 3: invalid JSON: the document ends in the middle of a value"),
+    (b'{"id": 3}] {"more": 1}', 3,
+     "line 3: invalid JSON: more data after the end of the document"),
+])
+def test_json_unreadable_rest_ends_the_read_with_an_invalid_row(tmp_path: Path, tail: bytes,
+                                                               valid: int, reason: str) -> None:
+    found = json_rows(tmp_path, b'[{"id": 1},\n {"id": 2},\n ' + tail)
+    assert found == [*(RawRecord(i, {"id": i}) for i in range(1, valid + 1)),
+                     RawRecord(valid + 1, None, f"{reason}; {STOPPED}")]
+
+
+@pytest.mark.unit
+def test_json_problems_before_the_records_are_source_errors(tmp_path: Path) -> None:
+    doc = '{"data": {"items": [{"id": 1}], "count": 1}}'
+    with pytest.raises(SourceError, match=r"^f\.json: no field 'rows' on the path 'data\.rows'$"):
+        json_rows(tmp_path, doc, "data.rows")
+    with pytest.raises(SourceError, match=r"^f\.json: no field 'x' on the path 'data\.count\.x'"
+                                          r" \('data\.count' is a number\)$"):
+        json_rows(tmp_path, doc, "data.count.x")
+    with pytest.raises(SourceError, match=r"^f\.json: expected a list of records at the top "
+                                          r"level, found an object \(set records: to the path of "
+                                          r"the list\)$"):
+        json_rows(tmp_path, doc)
+    with pytest.raises(SourceError, match=r"^f\.json: expected a list of records at 'data', "
+                                          r"found an object$"):
+        json_rows(tmp_path, doc, "data")
+    with pytest.raises(SourceError, match=r"^f\.json: line 2: invalid JSON: unexpected 'oops'"):
+        json_rows(tmp_path, '{"data":\n oops', "data")
+    with pytest.raises(SourceError, match=r"^f\.json: line 1: invalid JSON: the document is "
+                                          r"empty"):
+        json_rows(tmp_path, "  ")
+
+
+@pytest.mark.unit
+def test_json_streams_in_bounded_memory(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    # Few large records: tracemalloc slows every allocation down.
+    record = ('{"id": %d, "email": "user%d@example.com", "amount": %d.25, "tags": ["a", "b"], '
+              '"note": "' + "x" * 700 + '"}')
+    with path.open("w") as handle:
+        handle.write('{"data": {"items": [\n')
+        handle.write(",\n".join(record % (i, i, i) for i in range(40_000)))
+        handle.write("\n]}}")
+    size = path.stat().st_size
+    tracemalloc.start()
+    spec = JsonSourceSpec(type="json", path="big.json", records="data.items")
+    count = sum(1 for record in read_source(spec, tmp_path) if record.data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert size > 30_000_000 and count == 40_000
+    assert peak < 10_000_000, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.0f} MB file"

@@ -67,31 +67,58 @@ def rename(data: dict[str, Any], columns: dict[str, str] | None) -> dict[str, An
 MAX_NESTING = 100
 
 
-def record_problem(data: Any) -> str | None:
+def record_problem(data: Any, text: bool = True) -> str | None:
     """Why a parsed record cannot be kept as it is, or None. On the way, decimals (how the
     streaming JSON parser gives non-integers) become floats, in place. Refused: nesting
-    deeper than MAX_NESTING, text with lone surrogates (not valid Unicode: no UTF-8 for it,
-    so no email, file or database could take it) and numbers that are not finite."""
-    stack: list[tuple[Any, str]] = [(data, "")]
+    deeper than MAX_NESTING, numbers that are not finite and, unless text is False (the
+    caller knows there are none), text with lone surrogates: not valid Unicode, there is no
+    UTF-8 for it, so no email, file or database could take it."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
-        node, path = stack.pop()
-        if path.count(".") >= MAX_NESTING:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
             return f"nested deeper than {MAX_NESTING} levels"
         for key, value in node.items() if isinstance(node, dict) else enumerate(node):
-            where = f"{path}.{key}"
-            if isinstance(key, str) and not _unicode(key):
-                return f"a field name is not valid Unicode ({key!r}: a lone surrogate)"
-            if isinstance(value, dict | list):
-                stack.append((value, where))
-            elif isinstance(value, str) and not _unicode(value):
-                return (f"{where.lstrip('.')}: not valid Unicode ({value[:40]!r}: a lone "
-                        "surrogate)")
+            kind = type(value)  # the common kinds first: this runs for every value
+            if kind is str:
+                if text and not value.isascii() and not _unicode(value):
+                    return (f"{_path(data, value)}: not valid Unicode ({value[:40]!r}: a lone "
+                            "surrogate)")
+            elif kind is int or kind is bool or value is None:
+                pass
+            elif isinstance(value, dict | list):
+                stack.append((value, depth + 1))
             elif isinstance(value, float | Decimal):
                 number = float(value)  # a decimal too large for a float becomes inf
                 if not math.isfinite(number):
-                    return f"{where.lstrip('.')}: not a finite number ({value})"
+                    return f"{_path(data, value)}: not a finite number ({value})"
                 node[key] = number
+            if text and type(key) is str and not key.isascii() and not _unicode(key):
+                return f"a field name is not valid Unicode ({key!r}: a lone surrogate)"
     return None
+
+
+def _path(data: Any, target: Any) -> str:
+    """The dotted path to target (by identity) in data, for a message."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, path = stack.pop()
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if value is target:
+                return f"{path}{key}"
+            if isinstance(value, dict | list):
+                stack.append((value, f"{path}{key}."))
+    return "?"
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, with its article."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float | Decimal):
+        return "a number"
+    names = {str: "a string", list: "a list", dict: "an object", type(None): "null"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def _unicode(text: str) -> bool:

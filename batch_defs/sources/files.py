@@ -7,7 +7,6 @@ import json
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from batch_defs.sources import (
     MAX_NESTING,
     RawRecord,
     SourceError,
-    dig,
+    json_type,
     record_problem,
     rename,
     resolve_path,
@@ -167,27 +166,9 @@ def _width_problem(width: int, row: _CsvRow) -> str:
 
 
 def read_json(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
-    path = resolve_path(spec.path, base_dir)
-    with _open(path, spec.encoding) as handle:
-        try:
-            document = json.load(handle)
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"{path.name}: not valid {spec.encoding}: {exc.reason}") from exc
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{path.name}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
-    try:
-        records = dig(document, spec.records)
-    except SourceError as exc:
-        raise SourceError(f"{path.name}: {exc}") from exc
-    if not isinstance(records, list):
-        where = f" at {spec.records!r}" if spec.records else ""
-        raise SourceError(f"{path.name}: expected a list of records{where}, "
-                          f"found {type(records).__name__}")
-    for row, data in enumerate(records, start=1):
-        if isinstance(data, dict):
-            yield RawRecord(row, data)
-        else:
-            yield RawRecord(row, None, f"record is a {type(data).__name__}, not an object")
+    from batch_defs.sources.jsonstream import read_records
+
+    return read_records(resolve_path(spec.path, base_dir), spec.encoding, spec.records)
 
 
 def read_jsonl(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
@@ -223,16 +204,6 @@ def parse_json_line(text: str) -> tuple[Any, str | None]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a parsed value's type, with its article."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float | Decimal):
-        return "a number"
-    names = {str: "a string", list: "a list", dict: "an object", type(None): "null"}
-    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def read_parquet(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
