@@ -412,3 +412,18 @@ def test_json_streams_in_bounded_memory(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert size > 30_000_000 and count == 40_000
     assert peak < 10_000_000, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.0f} MB file"
+
+
+@pytest.mark.integration
+def test_http_records_are_checked_like_json_records(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/odd").respond_with_data(
+        '[{"id": 1}, 7, {"id": "\\ud800"}, {"id": NaN}, {"id": 2}]',
+        content_type="application/json")
+    assert rows(http_spec(httpserver, "/odd"), Path(".")) == [
+        RawRecord(1, {"id": 1}), RawRecord(2, None, "page 1: record is a number, not an object"),
+        RawRecord(3, None, "page 1: id: not valid Unicode ('\\ud800': a lone surrogate)"),
+        RawRecord(4, None, "page 1: id: not a finite number (nan)"), RawRecord(5, {"id": 2})]
+    httpserver.expect_request("/deep").respond_with_data("[" * 100_000 + "]" * 100_000,
+                                                         content_type="application/json")
+    with pytest.raises(SourceError, match=r"/deep page 1: response nested too deeply"):
+        rows(http_spec(httpserver, "/deep"), Path("."))
