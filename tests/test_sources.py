@@ -285,8 +285,8 @@ def test_csv_header_problems_are_source_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"^f\.csv: header row: the column 'id' appears more "
                                           r"than once \(columns 1 and 3\)$"):
         csv_rows(tmp_path, "id,name,id\n1,a,2\n")
-    with pytest.raises(SourceError, match=r"^f\.csv: columns: 'customer_id' and 'id' would "
-                                          r"both become the field 'id'$"):
+    with pytest.raises(SourceError, match=r"^f\.csv: header row: columns: 'customer_id' and "
+                                          r"'id' would both become the field 'id'$"):
         csv_rows(tmp_path, "customer_id,id\n1,2\n", columns={"customer_id": "id"})
     for empty in (b"", b"\n\n", b"\xef\xbb\xbf"):
         with pytest.raises(SourceError, match=r"^f\.csv: the file is empty \(a CSV source needs "
@@ -427,3 +427,24 @@ def test_http_records_are_checked_like_json_records(httpserver: HTTPServer) -> N
                                                          content_type="application/json")
     with pytest.raises(SourceError, match=r"/deep page 1: response nested too deeply"):
         rows(http_spec(httpserver, "/deep"), Path("."))
+
+
+@pytest.mark.unit
+def test_sql_and_parquet_columns_that_would_share_a_field_are_errors(tmp_path: Path) -> None:
+    spec = SqlSourceSpec(type="sql", url=f"sqlite:///{tmp_path / 'x.db'}",
+                         query="select 1 as id, 2 as id")
+    with pytest.raises(SourceError, match=r"^query result: the column 'id' appears more than "
+                                          r"once \(columns 1 and 2\)$"):
+        rows(spec, tmp_path)
+    renamed = SqlSourceSpec(type="sql", url=f"sqlite:///{tmp_path / 'x.db'}",
+                            query="select 1 as a, 2 as b", columns={"a": "b"})
+    with pytest.raises(SourceError, match=r"^query result: columns: 'a' and 'b' would both "):
+        rows(renamed, tmp_path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table([pa.array([1]), pa.array([2])], names=["sku", "sku"]),
+                   tmp_path / "dup.parquet")
+    with pytest.raises(SourceError, match=r"^dup.parquet: the column 'sku' appears more than "
+                                          r"once \(columns 1 and 2\)$"):
+        rows(ParquetSourceSpec(type="parquet", path="dup.parquet"), tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -56,10 +56,24 @@ def dig(data: Any, dotted: str | None) -> Any:
     return data
 
 
-def rename(data: dict[str, Any], columns: dict[str, str] | None) -> dict[str, Any]:
-    if not columns:
-        return data
-    return {columns.get(k, k): v for k, v in data.items()}
+def field_names(where: str, header: Sequence[str], columns: dict[str, str] | None) -> list[str]:
+    """The item field of each column (after `columns:` renames). Two columns with one name
+    would silently lose the values of all but the last, so that is a SourceError."""
+    first: dict[str, int] = {}
+    for position, name in enumerate(header, start=1):
+        if name in first:
+            raise SourceError(f"{where}: the column {name!r} appears more than once "
+                              f"(columns {first[name]} and {position})")
+        first[name] = position
+    names = [(columns or {}).get(name, name) for name in header]
+    by_field: dict[str, str] = {}
+    for name, field in zip(header, names, strict=True):
+        if field in by_field:
+            pair = sorted([name, by_field[field]])
+            raise SourceError(f"{where}: columns: {pair[0]!r} and {pair[1]!r} would both "
+                              f"become the field {field!r}")
+        by_field[field] = name
+    return names
 
 
 # Deeper records are invalid: the spool and the ledger write records as JSON, whose encoder

@@ -14,9 +14,9 @@ from batch_defs.sources import (
     MAX_NESTING,
     RawRecord,
     SourceError,
+    field_names,
     json_type,
     record_problem,
-    rename,
     resolve_path,
 )
 
@@ -126,7 +126,7 @@ def read_csv(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         raise SourceError(f"{path.name}: the file is empty (a CSV source needs a header row)")
     if header.reason or header.values is None:
         raise SourceError(f"{path.name}: header row (line {header.first}): {header.reason}")
-    names = _field_names(path, header.values, spec.columns)
+    names = field_names(f"{path.name}: header row", header.values, spec.columns)
     for row in rows:
         if row.reason is not None or row.values is None:
             yield RawRecord(row.first, None, row.reason)
@@ -136,25 +136,6 @@ def read_csv(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
             yield RawRecord(row.first, None, _width_problem(len(names), row))
         else:
             yield RawRecord(row.first, dict(zip(names, row.values, strict=True)))
-
-
-def _field_names(path: Path, header: list[str], columns: dict[str, str] | None) -> list[str]:
-    """The item field of each column. A name twice would silently drop a column's values."""
-    first: dict[str, int] = {}
-    for position, name in enumerate(header, start=1):
-        if name in first:
-            raise SourceError(f"{path.name}: header row: the column {name!r} appears more than "
-                              f"once (columns {first[name]} and {position})")
-        first[name] = position
-    names = [(columns or {}).get(name, name) for name in header]
-    for name, field in zip(header, names, strict=True):
-        clash = next((other for other, f in zip(header, names, strict=True)
-                      if f == field and other != name), None)
-        if clash is not None:
-            pair = sorted([name, clash])
-            raise SourceError(f"{path.name}: columns: {pair[0]!r} and {pair[1]!r} would both "
-                              f"become the field {field!r}")
-    return names
 
 
 def _width_problem(width: int, row: _CsvRow) -> str:
@@ -216,8 +197,9 @@ def read_parquet(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         raise SourceError(f"file not found: {path}") from exc
     except Exception as exc:  # pyarrow raises ArrowInvalid and friends for non-parquet files
         raise SourceError(f"{path.name}: not a readable Parquet file: {exc}") from exc
+    names = field_names(path.name, parquet.schema_arrow.names, spec.columns)
     row = 0
     for batch in parquet.iter_batches(batch_size=5000):
-        for data in batch.to_pylist():
+        for values in zip(*(column.to_pylist() for column in batch.columns), strict=True):
             row += 1
-            yield RawRecord(row, rename(data, spec.columns))
+            yield RawRecord(row, dict(zip(names, values, strict=True)))

@@ -17,9 +17,9 @@ from batch_defs.sources import (
     SourceError,
     dig,
     expand_env,
+    field_names,
     json_type,
     record_problem,
-    rename,
 )
 
 
@@ -32,8 +32,9 @@ def read_sql(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(
                 sa.text(spec.query), spec.params)
-            for row, data in enumerate(result.mappings(), start=1):
-                yield RawRecord(row, rename(dict(data), spec.columns))
+            names = field_names("query result", list(result.keys()), spec.columns)
+            for row, values in enumerate(result, start=1):
+                yield RawRecord(row, dict(zip(names, values, strict=True)))
     except sa.exc.OperationalError as exc:
         raise SourceError(f"database {engine.url.render_as_string(hide_password=True)}: "
                           f"{exc.orig}") from exc
