@@ -108,13 +108,13 @@ class _Feed:
         if cut is not None:
             self.stop = (self.line + region.count(b"\n", 0, cut),
                          f"nested deeper than {MAX_DOCUMENT_NESTING} levels")
-            self._hand_on(region[:cut])
-            return
+            region = region[:cut]
+            plain = _STRING.sub(b" ", region)
         if self.fast and self._unsafe(region, plain):
             self.unsafe = True  # and yajl must not see it
             return
         self._hand_on(region)
-        if end < len(data):  # a string opens there and goes on past this block
+        if cut is None and end < len(data):  # a string opens there, to go on past this block
             self.string = [b'"']
             self._continue_string(data, end + 1)
 
