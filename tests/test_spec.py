@@ -388,3 +388,16 @@ def test_unknown_schema_type_is_an_error_at_load() -> None:
         """)
     assert len(found) == 1
     assert found[0].startswith("invoices.yaml:6 source.schema.id: unknown type 'integer' (known: ")
+
+
+def test_command_line_values_and_file_bytes_follow_the_same_rules(tmp_path: Path) -> None:
+    from batch_defs import yamlio
+
+    values = ("on", "[failure]", "1:30", "TRUE", "", "0x10", "a=b")
+    assert [yamlio.parse_assignment(f"tags.x={v}").value for v in values] == [
+        "on", ["failure"], "1:30", True, None, 16, "a=b"]
+    (tmp_path / "latin.yaml").write_bytes(b"name: latin\ndescription: caf\xe9\n")
+    with pytest.raises(yamlio.YamlError) as info:
+        yamlio.read_text(tmp_path / "latin.yaml")
+    assert info.value.problems == [yamlio.YamlProblem(2, (), "not valid UTF-8 (byte 29 of the "
+                                                             "file)")]

@@ -19,6 +19,7 @@ from batch_defs.sources import (
     record_problem,
     resolve_path,
 )
+from batch_defs.sources.jsonstream import read_records
 
 
 def _open(path: Path, encoding: str, newline: str | None = None) -> Any:
@@ -147,8 +148,6 @@ def _width_problem(width: int, row: _CsvRow) -> str:
 
 
 def read_json(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
-    from batch_defs.sources.jsonstream import read_records
-
     return read_records(resolve_path(spec.path, base_dir), spec.encoding, spec.records)
 
 

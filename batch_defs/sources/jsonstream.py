@@ -249,7 +249,7 @@ def _records_prefix(path: Path, encoding: str, records: str | None) -> str:
                 line, why = feed.stop if stopped and feed.stop else _syntax(exc, path,
                                                                            encoding, feed)
                 raise SourceError(f"{path.name}: line {line}: {why}") from exc
-    raise AssertionError("the pure-Python backend raised or returned")
+    raise AssertionError("unreachable: the second pass returns or raises")
 
 
 def _find_list(path: Path, events: Iterator[tuple[str, str, Any]], parts: list[str],
