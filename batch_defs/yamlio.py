@@ -88,19 +88,20 @@ def _construct_object(self: Any, node: yaml.Node, deep: bool = False) -> Any:
 
 def load(text: str) -> tuple[Any, yaml.Node | None]:
     """The document's data and its node tree (None and None for an empty document)."""
-    loader = loader_class()(text)
     try:
-        root = loader.get_single_node()
-        if root is None:
-            return None, None
-        check_tree(root)
-        return loader.construct_document(root), root
+        loader = loader_class()(text)  # the pure-Python reader checks characters already here
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return None, None
+            check_tree(root)
+            return loader.construct_document(root), root
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise YamlError([_problem(exc, text)]) from exc
     except RecursionError as exc:  # only the pure-Python loader recurses per level
-        raise YamlError([YamlProblem(None, (), "nested too deeply")]) from exc
-    finally:
-        loader.dispose()
+        raise YamlError([YamlProblem(None, (), "invalid YAML: nested too deeply")]) from exc
 
 
 @dataclass(frozen=True)

@@ -401,3 +401,24 @@ def test_command_line_values_and_file_bytes_follow_the_same_rules(tmp_path: Path
         yamlio.read_text(tmp_path / "latin.yaml")
     assert info.value.problems == [yamlio.YamlProblem(2, (), "not valid UTF-8 (byte 29 of the "
                                                              "file)")]
+
+
+def test_without_libyaml_the_python_loader_has_the_same_rules(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from batch_defs import yamlio
+
+    monkeypatch.delattr(yaml, "CSafeLoader")
+    yamlio.loader_class.cache_clear()
+    try:
+        assert not issubclass(yamlio.loader_class(), yaml.CLoader)
+        assert problems("name: invoices\ntags: {a: on, a: off}\n") == [
+            "invoices.yaml:2 tags.a: duplicate key 'a' (lines 2 and 2)"]
+        assert problems("name: invoices\ntags:\n  a: \"x\x00y\"\n") == [
+            "invoices.yaml:3: invalid YAML: character #x0000: special characters are not "
+            "allowed"]
+        assert problems("name: invoices\nphases: " + "[" * 3000 + "]" * 3000 + "\n") == [
+            "invoices.yaml: invalid YAML: nested too deeply"]
+    finally:
+        yamlio.loader_class.cache_clear()
