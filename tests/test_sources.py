@@ -448,3 +448,17 @@ def test_sql_and_parquet_columns_that_would_share_a_field_are_errors(tmp_path: P
     with pytest.raises(SourceError, match=r"^dup.parquet: the column 'sku' appears more than "
                                           r"once \(columns 1 and 2\)$"):
         rows(ParquetSourceSpec(type="parquet", path="dup.parquet"), tmp_path)
+
+
+@pytest.mark.unit
+def test_unusable_delimiter_or_encoding_is_a_source_error(tmp_path: Path) -> None:
+    (tmp_path / "f.csv").write_text("a;b\n1;2\n")
+    (tmp_path / "f.json").write_text("[]")
+    with pytest.raises(SourceError, match=r"^f\.csv: the delimiter must be one character "
+                                          r"other than a quote or a line break, not ';;'$"):
+        rows(CsvSourceSpec(type="csv", path="f.csv", delimiter=";;"), tmp_path)
+    for spec in (CsvSourceSpec(type="csv", path="f.csv", encoding="utf-99"),
+                 JsonSourceSpec(type="json", path="f.json", encoding="utf-99"),
+                 JsonlSourceSpec(type="jsonl", path="f.csv", encoding="utf-99")):
+        with pytest.raises(SourceError, match=r"^f\.(csv|json): unknown encoding 'utf-99'$"):
+            rows(spec, tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import re
@@ -43,6 +44,14 @@ def expand_env(text: str) -> str:
 def resolve_path(path: str, base_dir: Path) -> Path:
     resolved = Path(expand_env(path)).expanduser()
     return resolved if resolved.is_absolute() else (base_dir / resolved)
+
+
+def check_encoding(path: Path, encoding: str) -> None:
+    """A SourceError for an encoding Python does not know (rather than a LookupError later)."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError as exc:
+        raise SourceError(f"{path.name}: unknown encoding {encoding!r}") from exc
 
 
 def dig(data: Any, dotted: str | None) -> Any:

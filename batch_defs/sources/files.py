@@ -14,6 +14,7 @@ from batch_defs.sources import (
     MAX_NESTING,
     RawRecord,
     SourceError,
+    check_encoding,
     field_names,
     json_type,
     record_problem,
@@ -51,6 +52,7 @@ def _decoded_lines(path: Path, encoding: str) -> Iterator[_Line]:
     why in `bad`, so that it fails its own row and no other."""
     # utf-8-sig also reads files that start with a byte-order mark (as spreadsheets write).
     codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    check_encoding(path, encoding)
     handle = _open(path, "latin-1")  # only to report a missing file the same way as others
     handle.close()
     with path.open("rb") as raw:
@@ -121,6 +123,9 @@ def _stray_quote(error: str, last: int) -> str:
 
 def read_csv(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
     path = resolve_path(spec.path, base_dir)
+    if len(spec.delimiter) != 1 or spec.delimiter in '"\r\n':
+        raise SourceError(f"{path.name}: the delimiter must be one character other than a "
+                          f"quote or a line break, not {spec.delimiter!r}")
     rows = _csv_rows(_decoded_lines(path, spec.encoding), spec.delimiter)
     header = next((row for row in rows if row.values != []), None)
     if header is None:

@@ -21,7 +21,13 @@ from typing import IO, Any
 
 import ijson
 
-from batch_defs.sources import RawRecord, SourceError, json_type, record_problem
+from batch_defs.sources import (
+    RawRecord,
+    SourceError,
+    check_encoding,
+    json_type,
+    record_problem,
+)
 
 # Deeper documents end the read there (a record nested deeper than MAX_NESTING but less than
 # this is one invalid row); ijson needs memory quadratic in the depth.
@@ -203,6 +209,7 @@ def _backend(fast: bool) -> Any:
 def read_records(path: Path, encoding: str, records: str | None) -> Iterator[RawRecord]:
     """Each element of the list at the dotted path `records` (the top level if None) as a
     record; what makes the rest unreadable ends the read with an invalid row saying so."""
+    check_encoding(path, encoding)
     prefix = _records_prefix(path, encoding, records)
     given = 0
     for fast in (True, False):
