@@ -272,8 +272,9 @@ def _key(node: yaml.ScalarNode) -> Any:
     # What the key becomes in the dict: 1, 1.0 and true would land on the same entry.
     if node.tag == _TAG + "str":
         return node.value
-    value = yaml.load(node.value, Loader=loader_class()) if node.value else None
-    return value if isinstance(value, int | float | bool | type(None)) else node.value
+    if node.tag in (_TAG + "int", _TAG + "float", _TAG + "bool", _TAG + "null"):
+        return yaml.load(node.value, Loader=loader_class()) if node.value else None
+    return node.tag, node.value  # a date and the text of that date are different keys
 
 
 def _line(node: yaml.Node) -> int:
