@@ -9,8 +9,9 @@ A batch file starts real work, so this is stricter than PyYAML's safe loader:
 - no base-60 numbers: `1:30` stays text instead of becoming 90;
 - aliases may not make the document larger than MAX_VALUES values, nor contain themselves.
 
-The C loader (libyaml) is used when PyYAML has it: about 2.3 times faster on large inline
-sources, and it refuses nesting deeper than 1,000 levels instead of exhausting the stack.
+The C loader (libyaml) is used when PyYAML has it: several times faster on large inline
+sources than the pure-Python one, and it refuses nesting deeper than 1,000 levels instead of
+exhausting the stack.
 """
 
 from __future__ import annotations
@@ -80,10 +81,10 @@ def _construct_object(self: Any, node: yaml.Node, deep: bool = False) -> Any:
         return yaml.constructor.SafeConstructor.construct_object(self, node, deep)
     except (ValueError, OverflowError) as exc:
         what = node.tag.removeprefix(_TAG)
-        reason = ("more than 4300 digits" if "digits" in str(exc) else str(exc))
+        reason = "more than 4300 digits" if "digits" in str(exc) else str(exc)
+        value = repr(node.value[:40]) if isinstance(node.value, str) else "this value"
         raise yaml.constructor.ConstructorError(
-            None, None, f"{node.value[:40]!r} is not a valid {what}: {reason}",
-            node.start_mark) from exc
+            None, None, f"{value} is not a valid {what}: {reason}", node.start_mark) from exc
 
 
 def load(text: str) -> tuple[Any, yaml.Node | None]:
@@ -113,11 +114,6 @@ class Assignment:
     loc: Loc
     value: Any
 
-    def covers(self, loc: Sequence[str | int]) -> bool:
-        """Whether a problem at loc can come from this assignment (one path contains the other)."""
-        shorter = min(len(self.loc), len(loc))
-        return tuple(loc[:shorter]) == self.loc[:shorter]
-
 
 class Changes:
     """What each command-line change (--data, --set) replaced, to name the one a problem in
@@ -130,6 +126,7 @@ class Changes:
         self.entries.append((who, loc))
 
     def touch(self, *tops: str) -> bool:
+        """Whether a change replaced (part of) one of these top-level fields."""
         return any(loc[:1] in [(top,) for top in tops] for _, loc in self.entries)
 
     def blame(self, problems: Iterable[tuple[Sequence[str | int], str]], *,
@@ -149,6 +146,8 @@ class Changes:
 
 
 def parse_assignment(text: str) -> Assignment:
+    """`phases[0].retry.max_attempts=5` -> Assignment; a YamlError if it is not KEY=VALUE or
+    VALUE is not YAML this project accepts (its problems are located under KEY)."""
     key, sep, value = text.partition("=")
     parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
     if not sep or not parts:
@@ -179,7 +178,8 @@ def apply_assignment(data: dict[str, Any], assignment: Assignment) -> None:
             target = target.setdefault(part, {})
         else:
             raise YamlError([YamlProblem(None, assignment.loc[:depth],
-                                         f"is {target!r}, which has no field {part!r}")])
+                                         f"is {repr(target)[:60]}, which has no field "
+                                         f"{part!r}")])
 
 
 def read_text(path: Path) -> str:
