@@ -135,7 +135,7 @@ def check_source(loaded: Any, data: str | None, sets: tuple[str, ...]) -> int:
 
     name = loaded.spec.name
     try:
-        spec = with_overrides(loaded.spec, data, sets)
+        spec = with_overrides(loaded.spec, data, sets, base_dir=loaded.base_dir)
         valid = invalid = 0
         for entry in check_records(read_source(spec.source, loaded.base_dir), spec.source.key,
                                    spec.source.schema_, spec.options.max_items):

@@ -111,7 +111,8 @@ class BatchClient:
         """Check the batch and its overrides before anything starts, add the partition, and
         make sure no live run holds it (wait for it with `wait`; else ControlError)."""
         loaded = find_batch(name)
-        with_overrides(loaded.spec, data, sets)  # the same validation as the file's
+        # The same validation as the file's.
+        with_overrides(loaded.spec, data, sets, base_dir=loaded.base_dir)
         key = partition or partition_key(data)
         if not key.isprintable() or not 0 < len(key) <= 255:
             raise control.ControlError(f"partition key {key!r} is not usable: 1 to 255 "
@@ -161,8 +162,9 @@ class BatchClient:
             config = run_config.setdefault("resources", {}).setdefault(
                 "run_overrides", {}).setdefault("config", {})
             config["overrides"] = [*config.get("overrides", []), *sets]
-            with_overrides(find_batch(plan.job_name).spec, config.get("data"),
-                           config["overrides"])
+            loaded = find_batch(plan.job_name)
+            with_overrides(loaded.spec, config.get("data"), config["overrides"],
+                           base_dir=loaded.base_dir)
         run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
         return Launch(plan.job_name, plan.partition, run_config,
                       {"batch/resumed_from": plan.run.run_id}, parent_run_id=plan.run.run_id)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from batch_defs.sources import RawRecord, SourceError
-from batch_defs.validation import build_item_model, validate_item
+from batch_defs.states import MAX_ITEM_KEY_LENGTH
+from batch_defs.validation import ItemSchema, shown
 
 
 @dataclass(frozen=True)
@@ -66,34 +67,68 @@ def check_records(records: Iterable[RawRecord], key_field: str | None,
                   schema: dict[str, str] | None, max_items: int) -> Iterator[Item | InvalidRow]:
     """Give each record a key and validate it, streaming: every record comes out as an Item
     or an InvalidRow, never dropped. Only the keys seen so far are kept in memory."""
-    model = build_item_model(schema) if schema else None
+    try:
+        checker = ItemSchema(schema) if schema else None
+    except ValueError as exc:  # a spec built in code; loaded files are checked at load time
+        raise SourceError(f"schema: {exc}") from exc
     first_row: dict[str, int] = {}
     for count, record in enumerate(records, start=1):
         if count > max_items:
             raise SourceError(f"the source has more than {max_items} items "
                               "(options.max_items); split it or raise the limit")
         data, reason = record.data, record.error
-        key = f"row_{record.row}"
-        if data is not None and key_field:
-            if data.get(key_field) in (None, ""):
-                reason = reason or f"missing key field {key_field!r}"
-            else:
-                key = str(data[key_field])
-        elif data is not None:
-            key = str(record.row)
+        key, key_problem = record_key(record, key_field)
+        reason = reason or key_problem
         if reason is None and key in first_row:
-            reason = f"duplicate key {key!r} (first at row {first_row[key]})"
-            key = f"{key}#row_{record.row}"
+            reason = f"duplicate key {shown(key)} (first at row {first_row[key]})"
+            key = _invalid_key(f"{key}#row_{record.row}", record.row)
         elif reason is None:
             # Claimed even if the record fails the schema: a key twice in a source is
             # ambiguous whichever copy is valid.
             first_row[key] = record.row
-        if reason is None and model is not None and data is not None:
-            data, reason = validate_item(model, data)
+        if reason is None and checker is not None and data is not None:
+            data, reason = checker.check(data)
         if reason is not None:
-            yield InvalidRow(key, record.row, data, reason)
+            yield InvalidRow(_invalid_key(key, record.row), record.row, data, reason)
             continue
         yield Item(key, record.row, data or {})
+
+
+def record_key(record: RawRecord, key_field: str | None) -> tuple[str, str | None]:
+    """The record's item key, and why it cannot be one (None if it can). Without a key field
+    the row number is the key; a key the ledger cannot store is refused here, before it
+    reaches the ledger (row_N stands in for it)."""
+    fallback = f"row_{record.row}"
+    if record.data is None:
+        return fallback, None
+    if not key_field:
+        return str(record.row), None
+    value = record.data.get(key_field)
+    if value in (None, ""):
+        return fallback, f"missing key field {key_field!r}"
+    if not isinstance(value, str | int | float):
+        return fallback, (f"key field {key_field!r} is a {type(value).__name__}, "
+                          "not text or a number")
+    key = str(value)
+    if len(key) > MAX_ITEM_KEY_LENGTH:
+        return fallback, (f"key is {len(key)} characters long (the ledger holds at most "
+                          f"{MAX_ITEM_KEY_LENGTH})")
+    bad = _UNSTORABLE.search(key)
+    if bad:
+        return fallback, (f"key {shown(key)} contains the control character "
+                          f"U+{ord(bad.group()):04X}")
+    return key, None
+
+
+# Control characters (C0, DEL, C1), lone surrogates and line/paragraph separators: the ledger
+# (PostgreSQL text) refuses NUL and surrogates, and the others break every listing of keys.
+_UNSTORABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]")
+
+
+def _invalid_key(key: str, row: int) -> str:
+    # An invalid row is stored under a key too; one that does not fit falls back to row_N.
+    fits = len(key) <= MAX_ITEM_KEY_LENGTH and not _UNSTORABLE.search(key)
+    return key if fits else f"row_{row}"
 
 
 @dataclass

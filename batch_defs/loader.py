@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from batch_defs import yamlio
 from batch_defs.spec import BatchSpec
 
 PACKAGE_BATCHES = Path(__file__).parent / "batches"
@@ -171,12 +172,10 @@ def parse_batch_file(text: str, path: Path) -> tuple[BatchSpec, list[SpecProblem
 
 def _parse_yaml(text: str, display: str) -> tuple[yaml.Node | None, Any]:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        raise SpecError([SpecProblem(display, line, "", f"invalid YAML: {exc.problem}")]) from exc
+        data, root = yamlio.load(text)
+    except yamlio.YamlError as exc:
+        raise SpecError([SpecProblem(display, p.line, format_loc(p.loc), p.message)
+                         for p in exc.problems]) from exc
     return root, data
 
 
@@ -230,10 +229,13 @@ def validate_batch_data(data: Any, root: yaml.Node | None, path: Path,
                         f"must equal the {what} name {name!r}")
         )
     from batch_defs.tasks import check_spec_tasks  # tasks import the loader's types
+    from batch_defs.validation import schema_problems
 
     base_dir = (path.parent / spec.base_dir).resolve() if spec.base_dir else path.parent
     checked = check_spec_tasks(spec, base_dir)
-    for loc, message in checked.problems:
+    found = [(["source", "schema", *loc], message)
+             for loc, message in schema_problems(spec.source.schema_)]
+    for loc, message in found + checked.problems:
         problems.append(SpecProblem(display, _line_of(root, loc), format_loc(loc), message))
     if problems:
         raise SpecError(problems)
@@ -245,10 +247,13 @@ def validate_batch_data(data: Any, root: yaml.Node | None, path: Path,
 def load_batch(path: Path) -> LoadedBatch:
     path = Path(path).resolve()
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 ({exc.reason})"
-        raise SpecError([SpecProblem(str(path), None, "", f"cannot read: {reason}")]) from exc
+        text = yamlio.read_text(path)
+    except OSError as exc:
+        raise SpecError([SpecProblem(str(path), None, "", f"cannot read: {exc.strerror}")]
+                        ) from exc
+    except yamlio.YamlError as exc:
+        raise SpecError([SpecProblem(path.name, p.line, "", p.message)
+                         for p in exc.problems]) from exc
     spec, notices = parse_batch_file(text, path)
     return LoadedBatch(spec, path, tuple(notices))
 
@@ -289,19 +294,6 @@ def find_batch(name: str) -> LoadedBatch:
     raise SpecError([SpecProblem(name, None, "", f"no batch named {name!r} in {folders}")])
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts: list[str | int] = [int(p) if p.isdigit() else p
-                              for p in re.split(r"\.|\[(\d+)\]", dotted) if p]
-    target: Any = data
-    for part in parts[:-1]:
-        target = target[int(part)] if isinstance(target, list) else target.setdefault(part, {})
-    last = parts[-1]
-    if isinstance(target, list):
-        target[int(last)] = value
-    else:
-        target[last] = value
-
-
 FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
               ".parquet": "parquet"}
 
@@ -330,26 +322,46 @@ def _is_dead_letter(path: Path) -> bool:
 
 
 def with_overrides(spec: BatchSpec, data: str | Path | None = None,
-                   sets: Sequence[str] = ()) -> BatchSpec:
-    """The spec with --data (replaces source.path) and --set key=value overrides applied."""
+                   sets: Sequence[str] = (), *, base_dir: Path | None = None) -> BatchSpec:
+    """The spec with --data (replaces source.path) and --set key=value overrides applied and
+    checked like the file itself, task types and params included; each problem names the
+    change it comes from. base_dir is the batch file's folder, where task params' relative
+    paths resolve (default: the folder of the batch file named like the spec, else the cwd)."""
     if not data and not sets:
         return spec
     raw = spec.model_dump(by_alias=True, exclude_unset=True)
+    changes = yamlio.Changes()
     if data:
         raw["source"] = source_for_file(raw["source"], Path(data).expanduser().resolve())
-    for assignment in sets:
-        dotted, sep, value = assignment.partition("=")
-        if not sep or not dotted.strip():
-            raise SpecError([SpecProblem("--set", None, assignment, "expected KEY=VALUE")])
+        changes.add(f"--data {data}", ("source",))
+    for text in sets:
         try:
-            _set_path(raw, dotted.strip(), yaml.safe_load(value))
-        except (IndexError, KeyError, TypeError, ValueError) as exc:
-            raise SpecError([SpecProblem("--set", None, dotted, f"no such field ({exc})")]) from exc
+            assignment = yamlio.parse_assignment(text)
+            yamlio.apply_assignment(raw, assignment)
+        except yamlio.YamlError as exc:
+            raise SpecError([SpecProblem(f"--set {text}", None, format_loc(p.loc), p.message)
+                             for p in exc.problems]) from exc
+        changes.add(f"--set {text}", assignment.loc)
     try:
         changed = BatchSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError([
-            SpecProblem("--set", None, format_loc(_clean_loc(e["loc"])), _message(e))
-            for e in exc.errors()
-        ]) from exc
+        found = [(_clean_loc(e["loc"]), _message(e)) for e in exc.errors()]
+        blamed = changes.blame(found)
+        raise SpecError([SpecProblem(who, None, format_loc(field), message)
+                         for who, field, message in blamed]) from exc
+    from batch_defs.tasks import check_spec_tasks
+    from batch_defs.validation import schema_problems
+
+    found = [(["source", "schema", *loc], message)
+             for loc, message in schema_problems(changed.source.schema_)]
+    if changed.name != spec.name:
+        found.append((["name"], f"must equal the file name {spec.name!r}"))
+    blamed = changes.blame(found)
+    if not blamed and changes.touch("phases", "after"):
+        folder = base_dir or next((f.parent for f in batch_files()
+                                   if batch_name_of(f) == spec.name), Path.cwd())
+        blamed = changes.blame(check_spec_tasks(changed, folder).problems, new_only=True)
+    if blamed:
+        raise SpecError([SpecProblem(who, None, format_loc(field), message)
+                         for who, field, message in blamed])
     return changed

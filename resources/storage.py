@@ -111,4 +111,4 @@ class RunOverridesResource(dg.ConfigurableResource):
 
 @lru_cache(maxsize=64)
 def _effective(loaded: LoadedBatch, data: str | None, overrides: tuple[str, ...]) -> BatchSpec:
-    return with_overrides(loaded.spec, data, overrides)
+    return with_overrides(loaded.spec, data, overrides, base_dir=loaded.base_dir)

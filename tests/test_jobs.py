@@ -146,7 +146,7 @@ def test_invalid_items_are_recorded_and_valid_ones_run(batch_dir: Path,
     rows = ledger(instance).rows(result.run_id)
     invalid = rows[rows["phase"] == SOURCE_PHASE]
     assert list(invalid["status"]) == ["invalid"]
-    assert invalid["error"].iloc[0].startswith("row 2: id: Input should be a valid integer")
+    assert invalid["error"].iloc[0].startswith("row 2: id: is not an int ('two')")
     assert sorted(rows[rows["phase"] == "score"]["item_key"]) == ["1", "3"]
 
 

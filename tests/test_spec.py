@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from batch_defs.loader import SpecError, load_batch, load_batches, parse_batch, with_overrides
+from batch_defs.spec import BatchSpec
 
 pytestmark = pytest.mark.unit
 
@@ -207,7 +208,7 @@ def test_overrides_set_fields_and_report_bad_values(example_dir: Path) -> None:
     assert spec.options.concurrency == 10  # the loaded spec itself is untouched
     with pytest.raises(SpecError) as info:
         with_overrides(spec, sets=["options.concurrency=99"])
-    assert str(info.value) == "--set options.concurrency: must be <= 50"
+    assert str(info.value) == "--set options.concurrency=99: must be <= 50"
     with pytest.raises(SpecError, match="expected KEY=VALUE"):
         with_overrides(spec, sets=["options.concurrency"])
 
@@ -216,3 +217,208 @@ def test_shipped_batches_all_load() -> None:
     batches = load_batches()
     assert "demo" in batches
     assert batches["demo"].spec.options.concurrency == 10
+
+
+PHASE = '{name: one, task: python, params: {function: "tests.handlers:sleep_ms"}}'
+
+
+def test_duplicate_keys_name_both_lines() -> None:
+    found = problems(f"""\
+        name: invoices
+        source: {{type: inline, items: [{{a: 1}}]}}
+        phases: [{PHASE}]
+        options:
+          concurrency: 4
+          concurrency: 5
+        phases: [{PHASE.replace("one", "two")}]
+        """)
+    assert found == [
+        "invoices.yaml:6 options.concurrency: duplicate key 'concurrency' (lines 5 and 6)",
+        "invoices.yaml:7 phases: duplicate key 'phases' (lines 3 and 7)",
+    ]
+
+
+def test_keys_equal_once_built_are_duplicates_but_merges_are_not() -> None:
+    found = problems(f"""\
+        name: invoices
+        source: {{type: inline, items: [{{1: a, 1.0: b}}]}}
+        phases: [{PHASE}]
+        """)
+    assert found == ["invoices.yaml:2 source.items[0].1.0: duplicate key '1.0' (lines 2 and 2)"]
+    spec = parse_batch(textwrap.dedent("""\
+        name: invoices
+        source: {type: inline, items: [{a: 1}]}
+        phases:
+          - &base {name: one, task: python, params: {function: "tests.handlers:sleep_ms"}}
+          - <<: *base
+            name: two
+        """), Path("invoices.yaml"))
+    assert [p.name for p in spec.phases] == ["one", "two"]
+
+
+def test_only_true_and_false_are_booleans() -> None:
+    spec = parse_batch(textwrap.dedent(f"""\
+        name: invoices
+        source: {{type: inline, items: [{{a: 1}}]}}
+        phases: [{PHASE}]
+        notify: {{on: [failure], email: [ops@example.com]}}
+        tags: {{a: yes, b: no, c: on, d: off, e: y, f: n, g: NO, h: 1:30}}
+        options: {{budget: {{max_cost: 2.5}}}}
+        """), Path("invoices.yaml"))
+    assert spec.notify is not None and spec.notify.on == ["failure"]
+    assert spec.tags == {"a": "yes", "b": "no", "c": "on", "d": "off", "e": "y", "f": "n",
+                         "g": "NO", "h": "1:30"}
+    assert spec.options.budget.max_cost == 2.5
+    retry = parse_batch(textwrap.dedent("""\
+        name: invoices
+        source: {type: inline, items: [{a: 1}]}
+        phases:
+          - {name: one, task: python, params: {function: "tests.handlers:sleep_ms"},
+             retry: {jitter: False}, merge_output: TRUE}
+        """), Path("invoices.yaml")).phases[0]
+    assert retry.retry.jitter is False and retry.merge_output is True
+
+
+def test_spec_is_parsed_once_with_the_c_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from batch_defs import yamlio
+
+    assert issubclass(yamlio.loader_class(), yaml.CSafeLoader)
+    calls = []
+    original = yamlio.loader_class().get_single_node
+
+    def counted(self: object) -> object:
+        calls.append(1)
+        return original(self)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the text is parsed a second time")
+
+    monkeypatch.setattr(yamlio.loader_class(), "get_single_node", counted)
+    monkeypatch.setattr(yaml, "compose", refused)
+    monkeypatch.setattr(yaml, "safe_load", refused)
+    parse_batch(textwrap.dedent(f"""\
+        name: invoices
+        source: {{type: inline, items: [{{a: 1}}]}}
+        phases: [{PHASE}]
+        """), Path("invoices.yaml"))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: invoices\ntags: {a: &x [1, *x]}\n",
+     "invoices.yaml:2 tags.a[1]: an alias refers to a value that contains it"),
+    ("name: invoices\nwhen: 2026-13-45\n",
+     "invoices.yaml:2: invalid YAML: '2026-13-45' is not a valid timestamp: month must be in "
+     "1..12"),
+    ("name: invoices\nbig: " + "9" * 5000 + "\n",
+     "invoices.yaml:2: invalid YAML: '9999999999999999999999999999999999999999' is not a "
+     "valid int: more than 4300 digits"),
+    ("name: invoices\ntags:\n  a: \"x\x00y\"\n",
+     "invoices.yaml:3: invalid YAML: character #x0000: control characters are not allowed"),
+    ("name: invoices\nphases: " + "[" * 2000 + "]" * 2000 + "\n",
+     "invoices.yaml:2: invalid YAML: exceeded maximum nesting depth"),
+    ("name: invoices\n---\nname: other\n",
+     "invoices.yaml:2: invalid YAML: but found another document"),
+    ("name: invoices\n\tphases: []\n",
+     "invoices.yaml:2: invalid YAML: found a tab character that violates indentation"),
+])
+def test_hostile_yaml_is_a_spec_error_with_its_line(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_alias_bomb_is_refused_before_it_is_built() -> None:
+    lines = ["name: invoices", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    found = problems("\n".join(lines) + "\n")
+    assert found == ["invoices.yaml:8 a6: aliases make this document larger than 2,000,000 "
+                     "values"]
+
+
+def set_problems(spec: BatchSpec, *sets: str, **folder: Path) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        with_overrides(spec, sets=sets, **folder)
+    return [str(p) for p in info.value.problems]
+
+
+def test_overrides_get_the_task_checks_and_name_the_assignment(example_dir: Path) -> None:
+    spec = load_batch(example_dir / "invoices.yaml").spec
+    found = set_problems(spec, "options.concurrency=4", "phases[0].task=bogus")
+    assert len(found) == 1
+    assert found[0].startswith("--set phases[0].task=bogus: unknown task type 'bogus' (known: ")
+    found = set_problems(spec, "phases[1].params.function=nowhere_xyz:run",
+                         base_dir=example_dir)
+    assert found[0].startswith("--set phases[1].params.function=nowhere_xyz:run "
+                               "phases[1].params: cannot import module 'nowhere_xyz'")
+    assert set_problems(spec, "name=other") == [
+        "--set name=other: must equal the file name 'invoices'"]
+    assert set_problems(spec, "source.schema.amount=money")[0].startswith(
+        "--set source.schema.amount=money: unknown type 'money'")
+    assert set_problems(spec, "phases[7].task=python") == [
+        "--set phases[7].task=python phases: has no entry [7] (it has 2)"]
+    assert set_problems(spec, "tags={a: 1, a: 2}") == [
+        "--set tags={a: 1, a: 2} tags.a: duplicate key 'a' (lines 1 and 1)"]
+    assert set_problems(spec, "options.concurrency.max=3") == [
+        "--set options.concurrency.max=3 options.concurrency: is 10, which has no field 'max'"]
+    # A changed template is looked for beside the batch file, like the file's own.
+    changed = with_overrides(spec, sets=["phases[0].params.template=templates/invoice.md.j2"],
+                             base_dir=example_dir)
+    assert changed.phases[0].params["template"] == "templates/invoice.md.j2"
+
+
+def test_override_values_follow_the_file_rules(example_dir: Path) -> None:
+    spec = load_batch(example_dir / "invoices.yaml").spec
+    changed = with_overrides(spec, sets=["notify.on=[failure]", "tags.flag=yes",
+                                         "phases[0].retry.jitter=false"])
+    assert changed.notify is not None and changed.notify.on == ["failure"]
+    assert changed.tags["flag"] == "yes"
+    assert changed.phases[0].retry.jitter is False
+
+
+def test_unknown_schema_type_is_an_error_at_load() -> None:
+    found = problems(f"""\
+        name: invoices
+        source:
+          type: inline
+          items: [{{id: 1}}]
+          schema:
+            id: integer
+        phases: [{PHASE}]
+        """)
+    assert len(found) == 1
+    assert found[0].startswith("invoices.yaml:6 source.schema.id: unknown type 'integer' (known: ")
+
+
+def test_command_line_values_and_file_bytes_follow_the_same_rules(tmp_path: Path) -> None:
+    from batch_defs import yamlio
+
+    values = ("on", "[failure]", "1:30", "TRUE", "", "0x10", "a=b")
+    assert [yamlio.parse_assignment(f"tags.x={v}").value for v in values] == [
+        "on", ["failure"], "1:30", True, None, 16, "a=b"]
+    (tmp_path / "latin.yaml").write_bytes(b"name: latin\ndescription: caf\xe9\n")
+    with pytest.raises(yamlio.YamlError) as info:
+        yamlio.read_text(tmp_path / "latin.yaml")
+    assert info.value.problems == [yamlio.YamlProblem(2, (), "not valid UTF-8 (byte 29 of the "
+                                                             "file)")]
+
+
+def test_without_libyaml_the_python_loader_has_the_same_rules(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from batch_defs import yamlio
+
+    monkeypatch.delattr(yaml, "CSafeLoader")
+    yamlio.loader_class.cache_clear()
+    try:
+        assert not issubclass(yamlio.loader_class(), yaml.CLoader)
+        assert problems("name: invoices\ntags: {a: on, a: off}\n") == [
+            "invoices.yaml:2 tags.a: duplicate key 'a' (lines 2 and 2)"]
+        assert problems("name: invoices\ntags:\n  a: \"x\x00y\"\n") == [
+            "invoices.yaml:3: invalid YAML: character #x0000: special characters are not "
+            "allowed"]
+        assert problems("name: invoices\nphases: " + "[" * 3000 + "]" * 3000 + "\n") == [
+            "invoices.yaml: invalid YAML: nested too deeply"]
+    finally:
+        yamlio.loader_class.cache_clear()

@@ -35,14 +35,14 @@ def verdict(rules: list[dict[str, Any]], item: dict[str, Any]) -> str | None:
     return None
 
 
-
 @pytest.mark.unit
 @pytest.mark.parametrize(("rule_type", "good", "bad", "why"), [
     ("int", "42", "4.5", "is not an int ('4.5')"),
     ("int", 7, True, "is not an int (True)"),
     ("float", "2.5", "abc", "is not a number ('abc')"),
     ("str", "x", 5, "is not a string (5)"),
-    ("bool", "yes", "maybe", "is not a boolean ('maybe')"),
+    ("bool", "TRUE", "yes", "is not a boolean ('yes'; use true/false or 1/0)"),
+    ("datetime", "2026-03-01T10:30Z", "2026-03-01", "is not an ISO date-time ('2026-03-01')"),
     ("date", "2026-03-01", "01/03/2026", "is not an ISO date ('01/03/2026')"),
     ("email", "ada@example.com", "ada@", "is not an email address ('ada@': "),
     ("url", "https://example.com/x", "ftp://example.com", "is not an http(s) URL"),
@@ -159,3 +159,58 @@ def test_batch_rejects_broken_items_with_the_rule(batch_dir: Path,
     assert '"age":12' in check.loc["3", "input"]  # kept to fix and re-run
     later = rows[rows["phase"] == "after_check"]
     assert sorted(later["item_key"]) == ["1", "4"]  # only passing items went on
+
+
+# (type, value, what both checkers make of it: the converted value, or the reason it fails)
+TYPE_RULES: list[tuple[str, Any, Any]] = [
+    ("int", " 42 ", 42), ("int", 4.0, 4), ("int", "4.0", "is not an int ('4.0')"),
+    ("int", True, "is not an int (True)"), ("int", "1_000", "is not an int ('1_000')"),
+    ("int", "\u0663", "is not an int ('\u0663')"), ("int", "9" * 5000, "is not an int ('999"),
+    ("float", "1e3", 1000.0), ("float", 2, 2.0), ("float", "nan", "is not a number ('nan')"),
+    ("float", "inf", "is not a number ('inf')"),
+    ("float", "1e999", "is out of range for a number ('1e999')"),
+    ("float", False, "is not a number (False)"),
+    ("str", " x ", " x "), ("str", 5, "is not a string (5)"),
+    ("bool", True, True), ("bool", " False ", False), ("bool", "1", True), ("bool", 0, False),
+    ("bool", "on", "is not a boolean ('on'; use true/false or 1/0)"),
+    ("bool", "no", "is not a boolean ('no'; use true/false or 1/0)"),
+    ("bool", 2, "is not a boolean (2; use true/false or 1/0)"),
+    ("date", "2026-03-01", date(2026, 3, 1)), ("date", date(2026, 3, 1), date(2026, 3, 1)),
+    ("date", "2026-02-30", "is not an ISO date ('2026-02-30')"),
+    ("date", "20260301", "is not an ISO date ('20260301')"),
+    ("datetime", "2026-03-01 10:30:00+02:00", "2026-03-01T10:30:00+02:00"),
+    ("email", " Ada@Example.COM ", "Ada@example.com"),
+    ("email", "ada@", "is not an email address ('ada@': "),
+    ("url", "https://example.com/a?b=1", "https://example.com/a?b=1"),
+    ("url", "https://exa mple.com/", "is not an http(s) URL ('https://exa mple.com/')"),
+    ("url", "mailto:ada@example.com", "is not an http(s) URL ('mailto:ada@example.com')"),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("type_name", "value", "expected"), TYPE_RULES)
+def test_schema_and_validate_apply_one_rule_per_type(type_name: str, value: Any,
+                                                     expected: Any) -> None:
+    from batch_defs.items import prepare_items
+    from batch_defs.sources import RawRecord
+
+    prepared = prepare_items([RawRecord(1, {"v": value})], None, {"v": type_name}, 10)
+    rejected = verdict([{"field": "v", "type": type_name}], {"v": value})
+    if isinstance(expected, str) and expected.startswith(("is ", "must ")):
+        assert prepared.invalid[0].reason.startswith(f"v: {expected}")
+        assert rejected is not None and rejected.startswith(f"rule 1: v {expected}")
+    else:
+        assert rejected is None
+        shown = expected.isoformat() if isinstance(expected, date) else expected
+        assert prepared.items[0].data["v"] == shown
+        assert type(prepared.items[0].data["v"]) is type(shown)
+
+
+@pytest.mark.unit
+def test_rule_types_are_the_schema_types() -> None:
+    from typing import get_args
+
+    from batch_defs.tasks.validate import RuleType
+    from batch_defs.validation import CONVERTERS
+
+    assert set(get_args(RuleType)) == set(CONVERTERS)

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batch_defs.sources import RawRecord, SourceError, dig, rename, resolve_path
+from batch_defs.sources import (
+    MAX_NESTING,
+    RawRecord,
+    SourceError,
+    check_encoding,
+    field_names,
+    json_type,
+    record_problem,
+    resolve_path,
+)
+from batch_defs.sources.jsonstream import read_records
 
 
 def _open(path: Path, encoding: str, newline: str | None = None) -> Any:
@@ -22,104 +34,161 @@ def _open(path: Path, encoding: str, newline: str | None = None) -> Any:
 
 def read_inline(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
     for row, data in enumerate(spec.items, start=1):
-        yield RawRecord(row, dict(data))
+        record = dict(data)
+        problem = record_problem(record)
+        yield RawRecord(row, None, problem) if problem else RawRecord(row, record)
 
 
-def _decoded_lines(path: Path, encoding: str, bad: dict[int, str]) -> Iterator[str]:
-    """The file's lines decoded one by one: a line with bytes that are not valid in the
-    encoding becomes an empty line, its reason noted in `bad`, instead of failing the file."""
+@dataclass(frozen=True)
+class _Line:
+    number: int
+    text: str
+    bad: str | None = None  # why the line's bytes are not valid in the encoding
+
+
+def _decoded_lines(path: Path, encoding: str) -> Iterator[_Line]:
+    """The file's lines one by one. A line with bytes that are not valid in the encoding is
+    decoded with U+FFFD in their place (quotes and delimiters stay where they are) and says
+    why in `bad`, so that it fails its own row and no other."""
     # utf-8-sig also reads files that start with a byte-order mark (as spreadsheets write).
     codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    check_encoding(path, encoding)
     handle = _open(path, "latin-1")  # only to report a missing file the same way as others
     handle.close()
     with path.open("rb") as raw:
         for number, line in enumerate(raw, start=1):
             try:
-                yield line.decode(codec if number == 1 else encoding.replace("-sig", ""))
+                yield _Line(number, line.decode(codec if number == 1 else encoding))
             except UnicodeDecodeError as exc:
-                bad[number] = f"not valid {encoding} (byte {exc.start + 1} of the line)"
-                yield "\n"
+                yield _Line(number, line.decode(codec if number == 1 else encoding, "replace"),
+                            f"not valid {encoding} (byte {exc.start + 1} of the line)")
+
+
+@dataclass
+class _CsvRow:
+    first: int  # file lines, as an editor shows them (a quoted field may span lines)
+    last: int
+    values: list[str] | None
+    reason: str | None = None
+
+
+def _csv_rows(lines: Iterator[_Line], delimiter: str) -> Iterator[_CsvRow]:
+    """Logical CSV rows. A quoted field may span lines; one that runs to the end of the file,
+    over the field size limit, or into a quote followed by text is taken for a stray quote:
+    its first line becomes an invalid row and reading resumes on the next line."""
+    pending: deque[_Line] = deque()
+    taken: list[_Line] = []
+
+    def feed() -> Iterator[str]:
+        while line := (pending.popleft() if pending else next(lines, None)):
+            taken.append(line)
+            yield line.text
+
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+    while True:
+        taken.clear()
+        try:
+            values: list[str] | None = next(reader)
+            error = None
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            values, error = None, str(exc)
+        row = _CsvRow(taken[0].number, taken[-1].number, values)
+        if error is not None and (row.last > row.first or _runs_on(error)):
+            row.reason = _stray_quote(error, row.last)
+            pending.extendleft(reversed(taken[1:]))
+            reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+        elif error is not None:
+            row.reason = f"malformed CSV row: {error}"
+        else:
+            row.reason = next((line.bad if len(taken) == 1 else f"line {line.number}: {line.bad}"
+                               for line in taken if line.bad), None)
+        yield row
+
+
+def _runs_on(error: str) -> bool:
+    return error == "unexpected end of data" or "field limit" in error
+
+
+def _stray_quote(error: str, last: int) -> str:
+    if error == "unexpected end of data":
+        how = "runs to the end of the file"
+    elif "field limit" in error:
+        how = f"is longer than {csv.field_size_limit()} characters"
+    else:
+        how = f"closes on line {last} with text after the closing quote"
+    return f"unterminated quote: the quoted field opened on this line {how}"
 
 
 def read_csv(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
     path = resolve_path(spec.path, base_dir)
-    bad: dict[int, str] = {}
-    reader = csv.reader(_decoded_lines(path, spec.encoding, bad), delimiter=spec.delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as exc:
-        raise SourceError(f"{path.name}: cannot read the header row: {exc}") from exc
-    if 1 in bad:
-        raise SourceError(f"{path.name}: header row: {bad[1]}")
-    width = len(header)
-    while True:
-        # Row numbers are file lines, as an editor shows them (quoted fields may span lines).
-        row = reader.line_num + 1
-        try:
-            values = next(reader)
-        except StopIteration:
-            values = None
-        except csv.Error as exc:
-            yield RawRecord(row, None, f"malformed CSV row: {exc}")
+    if len(spec.delimiter) != 1 or spec.delimiter in '"\r\n':
+        raise SourceError(f"{path.name}: the delimiter must be one character other than a "
+                          f"quote or a line break, not {spec.delimiter!r}")
+    rows = _csv_rows(_decoded_lines(path, spec.encoding), spec.delimiter)
+    header = next((row for row in rows if row.values != []), None)
+    if header is None:
+        raise SourceError(f"{path.name}: the file is empty (a CSV source needs a header row)")
+    if header.reason or header.values is None:
+        raise SourceError(f"{path.name}: header row (line {header.first}): {header.reason}")
+    names = field_names(f"{path.name}: header row", header.values, spec.columns)
+    for row in rows:
+        if row.reason is not None or row.values is None:
+            yield RawRecord(row.first, None, row.reason)
+        elif not row.values:  # blank line
             continue
-        for number in sorted(n for n in bad if n <= reader.line_num):
-            yield RawRecord(number, None, bad.pop(number))
-        if values is None:
-            return
-        if not values:  # blank line
-            continue
-        if len(values) != width:
-            yield RawRecord(row, None, f"expected {width} columns, found {len(values)}")
-            continue
-        yield RawRecord(row, rename(dict(zip(header, values, strict=True)), spec.columns))
+        elif len(row.values) != len(names):
+            yield RawRecord(row.first, None, _width_problem(len(names), row))
+        else:
+            yield RawRecord(row.first, dict(zip(names, row.values, strict=True)))
+
+
+def _width_problem(width: int, row: _CsvRow) -> str:
+    problem = f"expected {width} columns, found {len(row.values or [])}"
+    if row.last > row.first:
+        problem += (f" (the row spans lines {row.first}-{row.last}: a quoted field continues "
+                    f"over line breaks; look for a stray quote on line {row.first})")
+    return problem
 
 
 def read_json(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
-    path = resolve_path(spec.path, base_dir)
-    with _open(path, spec.encoding) as handle:
-        try:
-            document = json.load(handle)
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"{path.name}: not valid {spec.encoding}: {exc.reason}") from exc
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{path.name}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
-    try:
-        records = dig(document, spec.records)
-    except SourceError as exc:
-        raise SourceError(f"{path.name}: {exc}") from exc
-    if not isinstance(records, list):
-        where = f" at {spec.records!r}" if spec.records else ""
-        raise SourceError(f"{path.name}: expected a list of records{where}, "
-                          f"found {type(records).__name__}")
-    for row, data in enumerate(records, start=1):
-        if isinstance(data, dict):
-            yield RawRecord(row, data)
-        else:
-            yield RawRecord(row, None, f"record is a {type(data).__name__}, not an object")
+    return read_records(resolve_path(spec.path, base_dir), spec.encoding, spec.records)
 
 
 def read_jsonl(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
     path = resolve_path(spec.path, base_dir)
-    bad: dict[int, str] = {}
-    for row, line in enumerate(_decoded_lines(path, spec.encoding, bad), start=1):
-        if row in bad:
-            yield RawRecord(row, None, bad.pop(row))
+    for line in _decoded_lines(path, spec.encoding):
+        if line.bad:
+            yield RawRecord(line.number, None, line.bad)
             continue
-        if not line.strip():
+        if not line.text.strip():
             continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield RawRecord(row, None, f"invalid JSON: {exc.msg}")
-            continue
-        if spec.field and isinstance(data, dict):
+        data, problem = parse_json_line(line.text)
+        if problem is None and spec.field and isinstance(data, dict):
             data = data.get(spec.field)
-        if isinstance(data, dict):
-            yield RawRecord(row, data)
-        else:
-            yield RawRecord(row, None, f"record is a {type(data).__name__}, not an object")
+        if problem is None and not isinstance(data, dict):
+            problem = f"record is {json_type(data)}, not an object"
+        problem = problem or record_problem(data)
+        yield RawRecord(line.number, None, problem) if problem else RawRecord(line.number, data)
+
+
+def parse_json_line(text: str) -> tuple[Any, str | None]:
+    """(value, None), or (None, why Python's JSON parser cannot take the text): besides syntax
+    errors, nesting beyond its recursion limit, integers over 4300 digits, NaN and Infinity."""
+    try:
+        return json.loads(text, parse_constant=_no_constant), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        return None, f"nested deeper than {MAX_NESTING} levels"
+    except ValueError as exc:
+        reason = str(exc) if "JSON number" in str(exc) else "a number with more than 4300 digits"
+        return None, f"invalid JSON: {reason}"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def read_parquet(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
@@ -132,8 +201,9 @@ def read_parquet(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         raise SourceError(f"file not found: {path}") from exc
     except Exception as exc:  # pyarrow raises ArrowInvalid and friends for non-parquet files
         raise SourceError(f"{path.name}: not a readable Parquet file: {exc}") from exc
+    names = field_names(path.name, parquet.schema_arrow.names, spec.columns)
     row = 0
     for batch in parquet.iter_batches(batch_size=5000):
-        for data in batch.to_pylist():
+        for values in zip(*(column.to_pylist() for column in batch.columns), strict=True):
             row += 1
-            yield RawRecord(row, rename(data, spec.columns))
+            yield RawRecord(row, dict(zip(names, values, strict=True)))

@@ -12,7 +12,15 @@ import httpx
 import sqlalchemy as sa
 import tenacity
 
-from batch_defs.sources import RawRecord, SourceError, dig, expand_env, rename
+from batch_defs.sources import (
+    RawRecord,
+    SourceError,
+    dig,
+    expand_env,
+    field_names,
+    json_type,
+    record_problem,
+)
 
 
 def read_sql(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
@@ -24,8 +32,9 @@ def read_sql(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(
                 sa.text(spec.query), spec.params)
-            for row, data in enumerate(result.mappings(), start=1):
-                yield RawRecord(row, rename(dict(data), spec.columns))
+            names = field_names("query result", list(result.keys()), spec.columns)
+            for row, values in enumerate(result, start=1):
+                yield RawRecord(row, dict(zip(names, values, strict=True)))
     except sa.exc.OperationalError as exc:
         raise SourceError(f"database {engine.url.render_as_string(hide_password=True)}: "
                           f"{exc.orig}") from exc
@@ -108,7 +117,9 @@ def read_http(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
             response = _fetch(client, spec, url, params, page)
             try:
                 body = response.json()
-            except ValueError as exc:
+            except RecursionError as exc:
+                raise SourceError(f"{url} page {page}: response nested too deeply") from exc
+            except ValueError as exc:  # a 4300-digit integer is refused here too
                 raise SourceError(f"{url} page {page}: response is not JSON") from exc
             try:
                 records = dig(body, spec.records)
@@ -118,8 +129,10 @@ def read_http(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
                 raise SourceError(f"{url} page {page}: expected a list of records")
             for data in records:
                 row += 1
-                yield (RawRecord(row, data) if isinstance(data, dict)
-                       else RawRecord(row, None, f"page {page}: record is not an object"))
+                problem = (record_problem(data) if isinstance(data, dict)
+                           else f"record is {json_type(data)}, not an object")
+                yield (RawRecord(row, None, f"page {page}: {problem}") if problem
+                       else RawRecord(row, data))
             if not pagination or not records:
                 return
             if pagination.type == "page":

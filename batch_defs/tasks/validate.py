@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
-from email_validator import EmailNotValidError, validate_email
 from pydantic import Field, model_validator
 
 from batch_defs.tasks.base import Handler, TaskContext, TaskParams
 from batch_defs.tasks.python import import_function
+from batch_defs.validation import CONVERTERS, NotOfType, is_blank, to_date, to_float
 
-RuleType = Literal["int", "float", "str", "bool", "date", "email", "url"]
+# The item types of validation.py (the same rules as a source's `schema:`), by name.
+RuleType = Literal["int", "float", "str", "bool", "date", "datetime", "email", "url"]
 Bound = float | date
 _MISSING = object()
-_TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0"}
 
 
 class RuleSpec(TaskParams):
@@ -41,7 +39,7 @@ class RuleSpec(TaskParams):
             raise ValueError("min and max must both be numbers or both be dates")
         if kinds == {True} and self.type not in (None, "date"):
             raise ValueError(f"date bounds need type date, not {self.type}")
-        if kinds == {False} and self.type in ("date", "bool"):
+        if kinds == {False} and self.type in ("date", "datetime", "bool"):
             raise ValueError(f"type {self.type} needs {'date' if self.type == 'date' else 'no'}"
                              " bounds")
         if len(bounds) == 2 and bounds[0] > bounds[1]:
@@ -66,86 +64,6 @@ def lookup(item: dict[str, Any], field: str) -> Any:
             return _MISSING
         value = value[part]
     return value
-
-
-def to_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise RuleFailed(f"is not an int ({value!r})")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise RuleFailed(f"is not an int ({value!r})")
-
-
-def to_float(value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise RuleFailed(f"is not a number ({value!r})") from None
-    else:
-        raise RuleFailed(f"is not a number ({value!r})")
-    if math.isnan(number):
-        raise RuleFailed("is not a number (NaN)")
-    return number
-
-
-def to_date(value: Any) -> date:
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    if isinstance(value, str):
-        for parse in (date.fromisoformat, datetime.fromisoformat):
-            try:
-                parsed = parse(value.strip())
-                return parsed.date() if isinstance(parsed, datetime) else parsed
-            except ValueError:
-                continue
-    raise RuleFailed(f"is not an ISO date ({value!r})")
-
-
-def to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise RuleFailed(f"is not a boolean ({value!r})")
-
-
-def to_str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise RuleFailed(f"is not a string ({value!r})")
-    return value
-
-
-def to_email(value: Any) -> str:
-    try:
-        return validate_email(to_str(value), check_deliverability=False).normalized
-    except EmailNotValidError as exc:
-        raise RuleFailed(f"is not an email address ({value!r}: {exc})") from None
-
-
-def to_url(value: Any) -> str:
-    text = to_str(value)
-    parsed = urlparse(text)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise RuleFailed(f"is not an http(s) URL ({value!r})")
-    return text
-
-
-CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "int": to_int, "float": to_float, "str": to_str, "bool": to_bool, "date": to_date,
-    "email": to_email, "url": to_url,
-}
 
 
 def shown(bound: Bound) -> str:
@@ -182,7 +100,7 @@ def make_checker(rule: RuleSpec, base_dir: Path) -> Callable[[dict[str, Any]], N
 
     def check(item: dict[str, Any]) -> None:
         raw = lookup(item, rule.field)
-        if raw is _MISSING or raw is None or (isinstance(raw, str) and not raw.strip()):
+        if raw is _MISSING or is_blank(raw):
             if rule.required:
                 raise RuleFailed("is required" if raw is _MISSING else f"is empty ({raw!r})")
             return
@@ -210,7 +128,7 @@ def make_handler(params: ValidateParams, base_dir: Path) -> Handler:
         for i, (rule, check) in enumerate(checks, start=1):
             try:
                 check(item)
-            except RuleFailed as exc:
+            except (RuleFailed, NotOfType) as exc:
                 broken.append(f"{rule.message or f'rule {i}'}: {rule.field} {exc}")
         if broken:
             ctx.reject("; ".join(broken))
