@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from batch_defs.tasks.base import (
     TaskContext,
     TaskResult,
     TaskType,
+    installed,
 )
 
 TASK_TYPES: dict[str, TaskType] = {
@@ -111,7 +111,7 @@ def check_spec_tasks(spec: BatchSpec, base_dir: Path) -> TaskChecks:
         _check(TASK_TYPES, phase.task, phase.params, base_dir, ["phases", i], checks)
     for i, step in enumerate(spec.after):
         _check(AFTER_TYPES, step.task, step.params, base_dir, ["after", i], checks)
-    if spec.options.executor == "celery" and importlib.util.find_spec("dagster_celery") is None:
+    if spec.options.executor == "celery" and not installed("dagster_celery"):
         checks.notices.append((["options", "executor"], "the celery executor needs "
                                "dagster-celery: install the celery extra: pip install "
                                "'batch-defs[celery]'"))

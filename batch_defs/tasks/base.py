@@ -11,6 +11,16 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 
+def installed(module: str) -> bool:
+    """Whether an optional module can be imported here (an extra may leave it out)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a stand-in module
+        return False
+
+
 class MissingExtra(ValueError):  # noqa: N818 - a requirement, reported as such
     """A task needs an optional extra that is not installed: the batch still loads (and says
     so), and fails with this message when it runs."""

