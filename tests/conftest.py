@@ -194,3 +194,46 @@ def engine_plan(ledger: Any, handlers: list[Any], folder: Path, run_id: str = "r
         "options": options})
     return RunPlan(spec, ledger, partition, run_id, folder, folder / "out", handlers,
                    ahead=ahead)
+
+
+@contextmanager
+def running_daemon(home: Path, env: dict[str, str], log: Path) -> Iterator[None]:
+    """A real dagster-daemon for `home` (it launches queued runs), stopped afterwards."""
+    import contextlib
+    import signal
+
+    import psutil
+
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
+         str(PROJECT / "workspace.yaml")], cwd=PROJECT, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        yield
+    finally:
+        # The daemon's code server runs in a session of its own: stop it by name.
+        children = psutil.Process(daemon.pid).children(recursive=True)
+        os.killpg(daemon.pid, signal.SIGTERM)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.terminate()
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+
+
+def queued_instance_config(postgres_url: str, **runs: Any) -> dict[str, Any]:
+    """dagster.yaml of a Postgres instance with the project's run coordinator, dequeuing fast."""
+    return {
+        "telemetry": {"enabled": False},
+        "storage": {"postgres": {"postgres_url": postgres_url}},
+        "run_coordinator": {"module": "batch_defs.coordinator", "class": "BatchRunCoordinator",
+                            "config": {"dequeue_interval_seconds": 1}},
+        "concurrency": {"runs": {
+            "max_concurrent_runs": 4,
+            "tag_concurrency_limits": [{"key": "batch/name", "limit": 1,
+                                        "value": {"applyLimitPerUniqueValue": True}}],
+            **runs}},
+    }
