@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import textwrap
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,16 +47,10 @@ class Passage:
 
 
 def split_passages(doc_id: str, text: str, max_chars: int) -> list[Passage]:
-    """Paragraphs grouped up to `max_chars`; a longer paragraph is cut at sentence ends."""
-    pieces: list[str] = []
-    for paragraph in (p.strip() for p in re.split(r"\n\s*\n", text)):
-        while len(paragraph) > max_chars:
-            cut = paragraph.rfind(". ", 0, max_chars)
-            cut = cut + 1 if cut > 0 else max_chars
-            pieces.append(paragraph[:cut].strip())
-            paragraph = paragraph[cut:].strip()
-        if paragraph:
-            pieces.append(paragraph)
+    """Paragraphs, short ones grouped up to `max_chars`; a longer paragraph is split between
+    sentences (a sentence longer still, between words)."""
+    pieces = [piece for paragraph in re.split(r"\n\s*\n", text)
+              for piece in _pieces(paragraph.strip(), max_chars)]
     passages: list[str] = []
     for piece in pieces:
         if passages and len(passages[-1]) + 2 + len(piece) <= max_chars:
@@ -63,6 +58,21 @@ def split_passages(doc_id: str, text: str, max_chars: int) -> list[Passage]:
         else:
             passages.append(piece)
     return [Passage(f"{doc_id}#{n}", body) for n, body in enumerate(passages, start=1)]
+
+
+def _pieces(paragraph: str, max_chars: int) -> list[str]:
+    if len(paragraph) <= max_chars:
+        return [paragraph] if paragraph else []
+    units = [u for sentence in re.split(r"(?<=[.!?])\s+", paragraph)
+             for u in (textwrap.wrap(sentence, max_chars) if len(sentence) > max_chars
+                       else [sentence])]
+    pieces: list[str] = []
+    for unit in units:
+        if pieces and len(pieces[-1]) + 1 + len(unit) <= max_chars:
+            pieces[-1] = f"{pieces[-1]} {unit}"
+        else:
+            pieces.append(unit)
+    return pieces
 
 
 def _source_spec(params: ContextParams) -> Any:
