@@ -72,6 +72,10 @@ QUEUED_STATUSES = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
 Ref = str | LaunchInfo
 
 
+class NotFoundError(control.ControlError):
+    """The launch or run a reference names does not exist."""
+
+
 @dataclass(frozen=True)
 class Launch:
     """A checked launch, ready to execute or submit: the batch, its partition, the run config
@@ -375,7 +379,7 @@ class BatchClient:
         for info in self._launch_infos(batch):
             if info.id == ident:
                 return info
-        raise control.ControlError(f"no launch {ident!r}")
+        raise NotFoundError(f"no launch {ident!r}")
 
     def launches(self, batch: str | None = None, states: Sequence[str] = (),
                  since: datetime | float | None = None, until: datetime | float | None = None,
@@ -506,13 +510,16 @@ class BatchClient:
             if info.state is LaunchState.STARTING:
                 return info, None  # the latest run is an earlier one; the new one comes
             return info, info.run_id
-        return None, self.resolve(ref).run_id
+        try:
+            return None, self.resolve(ref).run_id
+        except control.ControlError as exc:  # no such run, or the prefix names several
+            raise NotFoundError(str(exc)) from exc
 
     def _record(self, launch: Ref) -> LaunchRecord:
         ident = launch.id if isinstance(launch, LaunchInfo) else launch
         record = self.launch_store.load(ident)
         if record is None:
-            raise control.ControlError(f"no launch {ident!r} made with the API (the CLI's "
+            raise NotFoundError(f"no launch {ident!r} made with the API (the CLI's "
                                        "launches are started with batch-defs run)")
         return record
 
