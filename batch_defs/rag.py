@@ -98,12 +98,17 @@ def read_documents(params: ContextParams, base_dir: Path) -> list[tuple[str, str
     """(document id, text) of the corpus, in a stable order."""
     from batch_defs.sources import SourceError, read_source, resolve_path
 
-    if isinstance(params.from_, str):
-        folder = resolve_path(params.from_, base_dir)
-        if folder.is_dir():
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in DOCUMENT_SUFFIXES)
-            return [(p.relative_to(folder).as_posix(), p.read_text(encoding="utf-8"))
-                    for p in files]
+    if is_folder(params.from_):
+        assert isinstance(params.from_, str)
+        try:
+            folder = resolve_path(params.from_, base_dir)
+        except SourceError as exc:
+            raise ValueError(f"context.from: {exc}") from exc
+        if not folder.is_dir():
+            raise ValueError(f"context.from {params.from_}: no such folder")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in DOCUMENT_SUFFIXES)
+        return [(p.relative_to(folder).as_posix(), p.read_text(encoding="utf-8"))
+                for p in files]
     spec = _source_spec(params)
     id_field = params.id_field or spec.key
     documents = []
@@ -191,7 +196,7 @@ class Retriever:
         self.params, self.base_dir = params, base_dir
         self.model_path = check_model(params.model_path, base_dir, "context")
         self.model = model_identity(self.model_path)
-        if not isinstance(params.from_, str) or not resolve_is_dir(params.from_, base_dir):
+        if not is_folder(params.from_):
             _source_spec(params)  # a wrong source fails when the batch loads
         self._index: PassageIndex | None = None
         self._lock = threading.Lock()
@@ -218,13 +223,9 @@ class Retriever:
         return index.top(self.encode([query])[0], self.params.top_k)
 
 
-def resolve_is_dir(path: str, base_dir: Path) -> bool:
-    from batch_defs.sources import SourceError, resolve_path
-
-    try:
-        return resolve_path(path, base_dir).is_dir()
-    except SourceError:
-        return False
+def is_folder(source: str | dict[str, Any]) -> bool:
+    """A path without a file suffix names a folder of documents (read when the run starts)."""
+    return isinstance(source, str) and not Path(source.rstrip("/")).suffix
 
 
 def context_block(hits: Iterable[Hit]) -> str:
