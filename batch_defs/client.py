@@ -598,7 +598,10 @@ class BatchClient:
 
         root = BatchStorageResource().output_root(self.instance, info.batch)
         storage = Path(self.instance.storage_directory()).resolve()
-        targets = [root / info.partition]
+        own = Path(info.partition)
+        # Only a key that is a plain relative path names a folder of its own ("a/../b" is b's).
+        plain = not own.is_absolute() and not {".", ".."} & set(own.parts)
+        targets = [root / own] if plain else []
         targets += [Path(str(path)) for summary in summaries if summary
                     for produced in summary.get("after", {}).values()
                     for path in produced.values() if isinstance(path, str)]

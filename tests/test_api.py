@@ -145,6 +145,14 @@ def test_bad_requests_name_the_problem(api: dict[str, Any]) -> None:
     assert too_many.json()["detail"][0]["loc"] == ["body", "items"]
     unknown = httpx.post(f"{url}/v1/launches", headers=headers, json={"batch": "nope"})
     assert unknown.status_code == 422 and "no batch named 'nope'" in unknown.json()["detail"]
+    rewrite = httpx.post(f"{url}/v1/launches", headers=headers, json={
+        "batch": "bulk", "sets": ["phases[0].params.function=os:system"]})
+    assert rewrite.status_code == 422
+    assert "only options.* may be set over the API" in rewrite.json()["detail"][0]["msg"]
+    escape = httpx.post(f"{url}/v1/launches", headers=headers, json={
+        "batch": "bulk", "partition": "../other"})
+    assert escape.status_code == 422 and escape.json()["detail"][0]["loc"] == [
+        "body", "partition"]
     missing = httpx.get(f"{url}/v1/runs/feedbeef/status", headers=headers)
     assert missing.status_code == 404 and missing.json()["detail"] == "no run 'feedbeef'"
 

@@ -132,3 +132,37 @@ def test_spec_objects_run_in_process_and_launches_filter_and_page(client: BatchC
         client.create(BatchSpec.model_validate(api_spec("orders")), [{"id": 1}])
     with pytest.raises(ControlError, match="items or a data file, not both"):
         client.create("orders", [{"id": 1}], data="x.csv")
+
+
+def test_pause_resume_and_cancel_through_the_api(client: BatchClient, batch_dir: Path) -> None:
+    write_batch(batch_dir, {
+        "name": "slow", "source": {"type": "inline", "key": "id", "items": [{"id": 0}]},
+        "phases": [{"name": "wait", "task": "python",
+                    "params": {"function": "tests.handlers:sleep_ms", "ms": 100}}],
+        "options": {"concurrency": 2}})
+    launch = client.create("slow", [{"id": i} for i in range(40)], partition="p")
+    deadline = time.monotonic() + 120
+    while client.run_status(launch).counts.succeeded < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    client.pause(launch)
+    paused = client.wait(launch, timeout_s=120)
+    assert paused.state == "paused" and 4 <= paused.counts.succeeded < 40
+    first_run = paused.run_id
+    with pytest.raises(ControlError, match="confirm it"):
+        client.delete(launch)
+    resumed = client.resume(launch)
+    assert resumed.state in ("starting", "queued", "running")
+    done = client.wait(launch, timeout_s=180)
+    assert done.state == "succeeded" and done.counts.succeeded == 40
+    assert done.run_id != first_run and client.get_launch(launch.id).runs == 2
+    # Items done before the pause were reused, not run again.
+    reran = client.items(done.run_id, limit=100).items
+    reused = [i for i in reran if i.phases["wait"].reused_from == first_run]
+    assert len(reused) == paused.counts.succeeded
+
+    other = client.create("slow", [{"id": i} for i in range(40)], partition="q")
+    while client.run_status(other).counts.succeeded < 1:
+        time.sleep(0.2)
+    client.cancel(other, grace_s=5)
+    assert client.wait(other, timeout_s=60).state == "canceled"

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from batch_defs.api.auth import Quotas, Token, TokenBook
 from batch_defs.api.models import (
@@ -30,6 +30,8 @@ from batch_defs.spec import NAME_PATTERN
 MAX_ITEMS = 10_000  # items in one launch request
 MAX_PAGE = 1_000  # rows in one page of a list
 LAUNCH_ID_PATTERN = r"^[a-z][a-z0-9_]*\.[0-9a-f]{16}$"
+# Partition keys made over HTTP: one safe path segment (outputs live under <partition>/).
+PARTITION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,254}$"
 LaunchId = Annotated[str, Path(pattern=LAUNCH_ID_PATTERN,
                                description="A launch id: <batch>.<16 hex digits>")]
 
@@ -43,11 +45,22 @@ class LaunchRequest(BaseModel):
     items: list[dict[str, Any]] | None = Field(
         default=None, max_length=MAX_ITEMS,
         description=f"Up to {MAX_ITEMS:,} items, each an object with the batch's key field")
-    partition: str | None = Field(default=None, min_length=1, max_length=255,
+    partition: str | None = Field(default=None, pattern=PARTITION_PATTERN,
                                   description="Default: the time, with a random suffix")
-    sets: list[str] = Field(default_factory=list, description="Spec overrides KEY=VALUE, "
-                            "e.g. options.concurrency=4")
+    sets: list[str] = Field(
+        default_factory=list, description="Overrides of options only, KEY=VALUE, e.g. "
+        "options.concurrency=4 (sources and task params are the server's)")
     start: bool = Field(default=True, description="false: create only (start it later)")
+
+    @field_validator("sets")
+    @classmethod
+    def _options_only(cls, sets: list[str]) -> list[str]:
+        # A token holder may tune a run, not rewrite the batch: a source or a task's params
+        # (a shell command, a SQL URL) set over HTTP would run anything on the server.
+        for assignment in sets:
+            if not assignment.strip().startswith("options."):
+                raise ValueError(f"{assignment!r}: only options.* may be set over the API")
+        return sets
 
 
 class Problem(BaseModel):
