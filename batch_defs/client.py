@@ -431,8 +431,11 @@ class BatchClient:
         info, run_id = self._launch_and_run(ref)
         if run_id is None:
             assert info is not None
+            # Without a run, only a worker that gave up has ended (state failed, and why).
             return RunStatus(launch_id=info.id, batch=info.batch, partition=info.partition,
-                             state=info.state, total_items=info.items or 0)
+                             state=info.state, total_items=info.items or 0,
+                             run_ended=info.state is LaunchState.FAILED,
+                             stop_reason=info.error)
         return self._status_of_run(run_id, info)
 
     def wait(self, ref: Ref, timeout_s: float | None = None, poll_s: float = 0.5) -> RunStatus:
@@ -442,6 +445,8 @@ class BatchClient:
             status = self.run_status(ref)
             if status.finished:
                 return status
+            if status.state is LaunchState.CREATED:
+                raise control.ControlError(f"launch {status.launch_id} is not started")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{status.run_id or status.launch_id} is still "
                                    f"{status.state.value} after {timeout_s:g}s")
@@ -578,6 +583,7 @@ class BatchClient:
             run_id=run_id, batch=report.get("batch") or report.get("job"),
             partition=report.get("partition"), state=state,
             dagster_status=report.get("status"), total_items=total,
+            run_ended=dagster_run is None or dagster_run.is_finished,
             counts=Counts(succeeded=report.get("succeeded", 0),
                           invalid=report.get("invalid", 0),
                           **{s: sum(c.get(s, 0) for p, c in per_phase.items()

@@ -166,3 +166,18 @@ def test_pause_resume_and_cancel_through_the_api(client: BatchClient, batch_dir:
         time.sleep(0.2)
     client.cancel(other, grace_s=5)
     assert client.wait(other, timeout_s=60).state == "canceled"
+
+
+def test_a_launch_whose_worker_cannot_start_says_why(client: BatchClient,
+                                                     batch_dir: Path) -> None:
+    write_batch(batch_dir, {**api_spec("doomed"), "after": []})
+    launch = client.create("doomed", [{"id": 1}], start=False)
+    (batch_dir / "doomed.yaml").unlink()  # gone before the worker looks for it
+    client.start(launch)
+    status = client.wait(launch, timeout_s=120)
+    assert status.state == "failed" and status.run_id is None
+    assert "no batch named 'doomed'" in (status.stop_reason or "")
+    info = client.get_launch(launch.id)
+    assert info.state == "failed" and "SpecError" in (info.error or "")
+    with pytest.raises(ControlError, match="is not started"):
+        client.wait(client.create("orders", [{"id": 1}], start=False))

@@ -95,9 +95,14 @@ class RunStatus(BaseModel):
     files: dict[str, Any] = Field(default_factory=dict, description="What the after steps "
                                   "produced: files and counts")
 
+    run_ended: bool = Field(default=False, description="Dagster's status of the run is final: "
+                            "its process has stopped (a run is `paused` as soon as it stops "
+                            "starting items, and ends once its in-flight items are recorded)")
+
     @property
     def finished(self) -> bool:
-        return self.state.ended and self.state is not LaunchState.CREATED
+        """The run has ended and says how: succeeded, failed, paused or canceled."""
+        return self.run_ended and self.state.ended
 
 
 class PhaseOutcome(BaseModel):
