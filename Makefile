@@ -38,7 +38,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy batch_defs assets resources sensors
 
+# The Dagster UI and daemon, and beside them the REST API (docs/api.md) on API_PORT; the API
+# stops with the UI.
+API_PORT ?= 8088
 ui: home
+	$(BIN)/batch-defs serve --port $(API_PORT) & api=$$!; \
+	trap 'kill $$api 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/dagster dev -w workspace.yaml
 
 bench: install

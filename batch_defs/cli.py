@@ -388,7 +388,7 @@ def cancel(run_id: str, grace: float) -> None:
 
 
 RESULT_COLUMNS = ["item_key", "phase", "status", "attempts", "error", "duration_s", "cost",
-                  "tokens", "reused_from", "input", "output"]
+                  "tokens", "reused_from", "input", "output", "attempt_log"]
 
 
 @main.command()
@@ -416,13 +416,28 @@ def results(run_id: str, fmt: str, status_filter: str | None, phase: str | None,
             for record in records:
                 click.echo(json.dumps(record, default=str))
     else:
-        table = Table("item", "phase", "status", "attempts", "duration", "error")
+        table = Table("item", "phase", "status", "attempts", "duration", "error", "attempt log")
         for r in rows.itertuples():
             duration = "-" if r.duration_s is None or r.duration_s != r.duration_s \
                 else f"{r.duration_s:.3f}s"
             table.add_row(Text(str(r.item_key)), Text(str(r.phase)), str(r.status),
-                          str(r.attempts), duration, Text(str(r.error or "")))
+                          str(r.attempts), duration, Text(str(r.error or "")),
+                          Text(describe_attempts(r.attempt_log)))
         out.print(table)
+
+
+def describe_attempts(attempt_log: str | None) -> str:
+    """An item's earlier attempts on one line: retried errors, and a gate's scores."""
+    parts = []
+    for entry in json.loads(attempt_log) if attempt_log else []:
+        if "error" in entry:
+            wait = f" (waited {entry['wait_s']:g}s)" if entry.get("wait_s") else ""
+            parts.append(f"#{entry['attempt']} {entry['error']}{wait}")
+        else:
+            score = "" if entry.get("score") is None else f" score {entry['score']:g}"
+            verdict = "passed" if entry.get("passed") else "refused"
+            parts.append(f"#{entry['attempt']} {verdict}{score}, cost {entry.get('cost', 0):g}")
+    return "; ".join(parts)
 
 
 @main.command()
@@ -460,8 +475,83 @@ def migrate(files: tuple[Path, ...], keep: bool) -> None:
         say(f"migrated {file} -> {target}")
 
 
+@main.command()
+@click.option("--batch", help="Only launches of this batch.")
+@click.option("--status", "states", multiple=True,
+              help="Only launches in this state (created, starting, queued, running, paused, "
+                   "succeeded, failed, canceled); repeatable.")
+@click.option("--since", type=click.DateTime(), help="Made at or after (local time).")
+@click.option("--until", type=click.DateTime(), help="Made before (local time).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one page).")
+def launches(batch: str | None, states: tuple[str, ...], since: datetime | None,
+             until: datetime | None, limit: int, offset: int, as_json: bool) -> None:
+    """Launches (partitions) of every batch, newest first: state, items, latest run."""
+    with client() as c:
+        page = c.launches(batch, states, since.astimezone() if since else None,
+                          until.astimezone() if until else None, offset, limit)
+    if as_json:
+        out.print_json(page.model_dump_json())
+        return
+    table = Table("launch", "batch", "partition", "state", "items", "runs", "latest run",
+                  "created")
+    for info in page.items:
+        made = info.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") \
+            if info.created_at else "-"
+        table.add_row(info.id, Text(info.batch), Text(info.partition), Text(
+            info.state.value + (f": {info.error}" if info.error else "")),
+            "-" if info.items is None else str(info.items), str(info.runs),
+            (info.run_id or "-")[:8], made)
+    out.print(table)
+    shown = f"{offset + 1}-{offset + len(page.items)}" if page.items else "none"
+    more = f"; next: --offset {page.next_offset}" if page.next_offset is not None else ""
+    say(f"{shown} of {page.total}{more}", to=console)
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--yes", is_flag=True, help="Confirm: the rows and files are gone for good.")
+def delete(ref: str, yes: bool) -> None:
+    """Delete a launch (LAUNCH_ID, or a run id of it): its ledger rows, output files and
+    Dagster partition. Refused without --yes, and while a run of it is live."""
+    with client() as c:
+        result = c.delete(ref, confirm=yes)
+    say(f"deleted {result.batch} / {result.partition}: {result.runs} run(s), "
+        f"{result.item_rows} item rows, {result.files} files")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8088, show_default=True, type=int)
+@click.option("--tokens-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Hashed tokens (default: $BATCH_DEFS_API_TOKENS_FILE, else "
+                   "DAGSTER_HOME/api_tokens); $BATCH_DEFS_API_TOKENS adds more.")
+@click.option("--quota", default="600/minute", show_default=True,
+              help="Requests per token, where its line names none.")
+@click.option("--openapi", "print_openapi", is_flag=True,
+              help="Print the OpenAPI document and exit.")
+def serve(host: str, port: int, tokens_file: Path | None, quota: str,
+          print_openapi: bool) -> None:
+    """The REST API (docs/api.md) over the instance in DAGSTER_HOME, with token auth."""
+    from batch_defs.api import serve as server
+
+    if print_openapi:
+        click.echo(json.dumps(server.openapi_document(), indent=2))
+        return
+    with client() as c:  # the instance is set up before the server takes requests
+        home = Path(c.instance.root_directory)
+    tokens, created = server.tokens_for(tokens_file, home)
+    if created:
+        say(f"no API token was configured: created one (its hash is in {created.path}):",
+            "yellow", console)
+        say(created.token, to=console)
+    say(f"batch-defs API on http://{host}:{port} ({len(tokens)} token(s))", to=console)
+    server.run(host, port, tokens, quota)
+
+
 def _decode(column: str, value: Any) -> Any:
-    if column in ("input", "output") and isinstance(value, str):
+    if column in ("input", "output", "attempt_log") and isinstance(value, str):
         return json.loads(value)
     if isinstance(value, float) and value != value:  # NaN from pandas for missing numbers
         return None

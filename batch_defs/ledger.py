@@ -195,6 +195,35 @@ class ProcessRecord:
     started_at: float  # the group leader's start time, to tell it from a reused pid
 
 
+@dataclass(frozen=True)
+class PartitionRuns:
+    """A partition's runs in the ledger: how many, when the first started, the latest's row."""
+
+    batch: str
+    partition: str
+    runs: int
+    first_started_at: float
+    latest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ItemPage:
+    """One page of a run's items (in source order) with each item's final status and rows."""
+
+    total: int  # items matching the filter, in all pages
+    items: list[tuple[str, str]]  # (item key, final status) on this page
+    rows: pd.DataFrame  # every row of those items (their phases), in source order
+
+
+@dataclass(frozen=True)
+class DeletedRows:
+    """What deleting a partition took out of the ledger."""
+
+    run_ids: list[str]
+    items: int
+    effects: int
+
+
 class LedgerWriteError(RuntimeError):
     """Outcomes the ledger could not store even one by one; the step must fail."""
 
@@ -519,7 +548,7 @@ class Ledger:
             conn.execute(stmt)
 
     def rows(self, run_id: str, status: str | None = None, phase: str | None = None,
-             light: bool = False) -> pd.DataFrame:
+             light: bool = False, keys: Sequence[str] | None = None) -> pd.DataFrame:
         """A run's rows in source order; `light` leaves out the JSON columns (input, output,
         attempt_log), which are most of the memory of a large run."""
         t = item_table.c
@@ -530,6 +559,8 @@ class Ledger:
             query = query.where(t.status == status)
         if phase:
             query = query.where(t.phase == phase)
+        if keys is not None:
+            query = query.where(t.item_key.in_(list(keys)))
         with self.engine.connect() as conn:
             frame = pd.DataFrame(conn.execute(query).mappings().all(),
                                  columns=[c.name for c in columns])
@@ -540,10 +571,94 @@ class Ledger:
                     frame[column.name].notna(), None)
         return frame
 
+    def partition_runs(self, batch: str | None = None) -> list[PartitionRuns]:
+        """Each partition that has runs (of `batch`, or of all batches), with its latest run."""
+        r = run_table.c
+        grouped = (sa.select(r.batch, r.partition, sa.func.count().label("runs"),
+                             sa.func.min(r.started_at).label("first"),
+                             sa.func.max(r.started_at).label("last"))
+                   .group_by(r.batch, r.partition))
+        if batch:
+            grouped = grouped.where(r.batch == batch)
+        agg = grouped.subquery()
+        query = sa.select(run_table, agg.c.runs, agg.c.first).join(agg, sa.and_(
+            r.batch == agg.c.batch, r.partition == agg.c.partition, r.started_at == agg.c.last))
+        found: dict[tuple[str, str], PartitionRuns] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(query).mappings():
+                latest = {c.name: row[c.name] for c in run_table.columns}
+                latest["phases"] = json.loads(latest["phases"])
+                latest["summary"] = json.loads(latest["summary"]) if latest["summary"] else None
+                found[(row["batch"], row["partition"])] = PartitionRuns(
+                    row["batch"], row["partition"], int(row["runs"]), float(row["first"]),
+                    latest)
+        return list(found.values())
+
+    def item_page(self, run_id: str, phases: Sequence[str], statuses: Sequence[str] = (),
+                  phase: str | None = None, offset: int = 0, limit: int = 100) -> ItemPage:
+        """Items of a run in source order, `limit` from `offset`, filtered by final status
+        (or, with `phase`, by their status in that phase): each item's rows come along."""
+        t = item_table.c
+        where = [t.run_id == run_id] + ([t.phase == phase] if phase else [])
+        final = sa.func.min(t.status) if phase else _final_status(phases)
+        grouped = (sa.select(t.item_key, final.label("final"), sa.func.min(t.seq).label("seq"),
+                             sa.func.min(t.id).label("first_id"))
+                   .where(*where).group_by(t.item_key))
+        if statuses:
+            grouped = grouped.having(final.in_(list(statuses)))
+        page = grouped.subquery()
+        with self.engine.connect() as conn:
+            total = int(conn.execute(sa.select(sa.func.count()).select_from(page)).scalar()
+                        or 0)
+            items = [(key, status) for key, status in conn.execute(
+                sa.select(page.c.item_key, page.c.final)
+                .order_by(page.c.seq, page.c.first_id).offset(offset).limit(limit))]
+        return ItemPage(total, items, self.rows(run_id, phase=phase,
+                                                keys=[key for key, _ in items]))
+
+    def delete_partition(self, batch: str, partition: str) -> DeletedRows:
+        """Every ledger row of a partition: its runs, items, lease, child processes and effect
+        journal entries, in one transaction."""
+        r, t, e = run_table.c, item_table.c, effect_table.c
+        prefix = f"{batch}/{partition}/"  # TaskContext.idempotency_key
+        with self.engine.begin() as conn:
+            run_ids = [row[0] for row in conn.execute(
+                sa.select(r.run_id).where(r.batch == batch, r.partition == partition))]
+            items = conn.execute(item_table.delete().where(
+                t.batch == batch, t.partition == partition)).rowcount or 0
+            if run_ids:
+                conn.execute(process_table.delete().where(process_table.c.run_id.in_(run_ids)))
+            conn.execute(run_table.delete().where(r.batch == batch, r.partition == partition))
+            conn.execute(lease_table.delete().where(lease_table.c.batch == batch,
+                                                    lease_table.c.partition == partition))
+            effects = conn.execute(effect_table.delete().where(
+                sa.func.substr(e.idempotency_key, 1, len(prefix)) == prefix)).rowcount or 0
+        return DeletedRows(run_ids, int(items), int(effects))
+
     def count_rows(self, run_id: str) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(item_table)
                                     .where(item_table.c.run_id == run_id)).scalar() or 0)
+
+
+def _final_status(phases: Sequence[str]) -> Any:
+    """An item's status over its rows: the status of the row that stopped it (a failure, or a
+    skip other than a `when:` condition's), else its last phase's; `pending` while unfinished."""
+    t = item_table.c
+
+    def rows_where(*condition: Any) -> Any:
+        return sa.func.sum(sa.case((sa.and_(*condition), 1), else_=0))
+
+    last = phases[-1] if phases else SOURCE_PHASE
+    return sa.case(
+        *[(rows_where(t.status == s.value) > 0, s.value) for s in FAILURE_STATUSES],
+        (rows_where(t.status == ItemStatus.SKIPPED.value,
+                    sa.func.coalesce(t.skip_cause, "") != SkipCause.CONDITION.value) > 0,
+         ItemStatus.SKIPPED.value),
+        (rows_where(t.phase == last, t.status == ItemStatus.SUCCEEDED.value) > 0,
+         ItemStatus.SUCCEEDED.value),
+        (rows_where(t.phase == last) > 0, ItemStatus.SKIPPED.value),
+        else_="pending")
 
 
 TEXT_COLUMNS = ("batch", "partition", "run_id", "phase", "item_key", "status", "error",

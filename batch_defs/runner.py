@@ -131,8 +131,10 @@ class ItemRunner:
                                    error=str(exc), attempt_log=log,
                                    skip_cause=SkipCause.HANDLER)
             except RejectItem as exc:
+                # What the item paid before the verdict stays on its row (and the budget).
                 return ItemOutcome(item, ItemStatus.REJECTED, attempt, started, time.time(),
-                                   error=str(exc), attempt_log=log)
+                                   error=str(exc), cost=exc.cost, tokens=exc.tokens,
+                                   attempt_log=[*log, *exc.attempt_log])
             except Exception as exc:
                 last = (attempt >= self.retry.max_attempts
                         or not is_retryable(exc, self.retry.retry_on))

@@ -2,8 +2,10 @@
 
 It answers deterministically, without any model: a JSON request gets the document's topic and
 keywords (its most frequent long words), a text request the first sentence of the prompt's
-last paragraph. Token counts are estimated (4 characters a token), so costs add up as with a
-real API. Standard library only.
+last paragraph (of the first user message: a regenerated attempt, which appends the judge's
+feedback, gets the same answer). A judge's request (its system message asks for a "score")
+gets 0.9 for an answer of 5 to 60 words, else 0.3 with feedback. Token counts are estimated
+(4 characters a token), so costs add up as with a real API. Standard library only.
 
     python scripts/fake_llm_server.py --port 8089
     export OPENAI_BASE_URL=http://127.0.0.1:8089/v1
@@ -43,11 +45,21 @@ def keywords(text: str, count: int = 5) -> list[str]:
     return [w for w, _ in sorted(ranked, key=lambda wc: (-wc[1], words.index(wc[0])))][:count]
 
 
+def judge(prompt: str) -> str:
+    """A judge's verdict on the answer (the judge prompt's last paragraph), by its length."""
+    words = len(last_paragraph(prompt).split())
+    if 5 <= words <= 60:
+        return json.dumps({"score": 0.9, "feedback": ""})
+    return json.dumps({"score": 0.3, "feedback": "Answer in one sentence of 5 to 60 words."})
+
+
 def answer(request: dict[str, Any]) -> str:
     messages = request.get("messages") or []
-    user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"),
-                "")
-    text = last_paragraph(str(user))
+    users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
+    if any('"score"' in str(m.get("content", "")) for m in messages
+           if m.get("role") == "system"):
+        return judge(users[-1] if users else "")
+    text = last_paragraph(users[0] if users else "")
     if (request.get("response_format") or {}).get("type") == "json_object":
         words = keywords(text)
         return json.dumps({"topic": " ".join(words[:2]), "keywords": words, "language": "en"})

@@ -142,8 +142,11 @@ def test_gates_reject_with_the_reason(tmp_path: Path, fake_llm: tuple[FakeChat, 
 
     python_gate = build_handler("llm", {
         "prompt": "{{ text }}", "gate": {"python": "tests.test_task_llm:gate_short"}}, tmp_path)
-    assert python_gate({"text": "short"}, context(tmp_path, base_url)).output == {
-        "summarize_text": "Summary: short"}
+    passed_output = python_gate({"text": "short"}, context(tmp_path, base_url)).output
+    assert passed_output["summarize_text"] == "Summary: short"
+    # A gate's verdict stays with the item: a python gate has no score, one attempt passed.
+    assert passed_output["summarize_quality"]["score"] is None
+    assert [a["passed"] for a in passed_output["summarize_quality"]["attempts"]] == [True]
     with pytest.raises(RejectItem, match=r"gate: tests.test_task_llm:gate_short: summary too "
                                          r"long \(40 chars\)"):
         python_gate({"text": "a much, much longer review text"}, context(tmp_path, base_url))

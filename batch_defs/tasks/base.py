@@ -31,7 +31,16 @@ class SkipItem(Exception):  # noqa: N818 - it is a signal, not an error
 
 
 class RejectItem(Exception):  # noqa: N818 - it is a verdict, not an error
-    """Raised by a quality gate (ctx.reject(rule)): recorded as rejected, never retried."""
+    """Raised by a quality gate (ctx.reject(rule)): recorded as rejected, never retried.
+
+    `cost` and `tokens` are what the item spent before the verdict (paid calls count against
+    the budget whatever the verdict); `attempt_log` lists the gate's attempts (regenerate)."""
+
+    def __init__(self, reason: str, cost: float = 0.0, tokens: int = 0,
+                 attempt_log: list[dict[str, Any]] | None = None):
+        super().__init__(reason)
+        self.cost, self.tokens = cost, tokens
+        self.attempt_log = list(attempt_log or [])
 
 
 class ItemsFailed(Exception):  # noqa: N818 - it names the outcome, as SkipItem does
@@ -118,8 +127,8 @@ class TaskContext:
     def skip(self, reason: str) -> None:
         raise SkipItem(reason)
 
-    def reject(self, rule: str) -> None:
-        raise RejectItem(rule)
+    def reject(self, rule: str, cost: float = 0.0, tokens: int = 0) -> None:
+        raise RejectItem(rule, cost, tokens)
 
 
 Handler = Callable[[dict[str, Any], TaskContext], Any]

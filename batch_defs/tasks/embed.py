@@ -56,16 +56,38 @@ def load_model(path: Path, device: str | None) -> Any:
     return _models[key]
 
 
-def make_handler(params: EmbedParams, base_dir: Path) -> Handler:
+def check_model(model_path: str | None, base_dir: Path,
+                what: str = "the embed task") -> Path | None:
+    """The model folder a task will load (None: the bundled one); MissingExtra when the embed
+    extra is not installed, ValueError for a folder that does not exist."""
     if not installed("sentence_transformers"):
-        raise MissingExtra(f"the embed task needs sentence-transformers: {INSTALL_HINT}")
-    model_path: Path | None = None
-    if params.model_path:
-        model_path = (base_dir / params.model_path).resolve()
-        if not model_path.is_dir():
-            raise ValueError(f"model_path {params.model_path}: no such folder")
-    elif not installed(BUNDLED_MODEL):
+        raise MissingExtra(f"{what} needs sentence-transformers: {INSTALL_HINT}")
+    if model_path:
+        path = (base_dir / model_path).resolve()
+        if not path.is_dir():
+            raise ValueError(f"model_path {model_path}: no such folder")
+        return path
+    if not installed(BUNDLED_MODEL):
         raise MissingExtra(f"the bundled model package is missing: {INSTALL_HINT}")
+    return None
+
+
+def encode(texts: list[str], model_path: Path | None = None, device: str | None = None,
+           normalize: bool = True) -> Any:
+    """Vectors (a numpy array, one row per text) from the local model, one thread at a time."""
+    with _model_lock:
+        model = load_model(model_path or bundled_model_path(), device)
+        return model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True,
+                            show_progress_bar=False)
+
+
+def model_identity(model_path: Path | None) -> str:
+    """Names the model in cache keys: vectors of another model are never mixed in."""
+    return str(model_path) if model_path else BUNDLED_MODEL
+
+
+def make_handler(params: EmbedParams, base_dir: Path) -> Handler:
+    model_path = check_model(params.model_path, base_dir)
     template = compile_template(template_env(), params.text, "text") if params.text else None
     field = params.text_field or ""
 
@@ -76,10 +98,7 @@ def make_handler(params: EmbedParams, base_dir: Path) -> Handler:
             raise ValueError(f"text_field {field!r} is missing or null")
         else:
             text = str(item[field])
-        with _model_lock:
-            model = load_model(model_path or bundled_model_path(), params.device)
-            vector = model.encode(text, normalize_embeddings=params.normalize,
-                                  convert_to_numpy=True, show_progress_bar=False)
+        vector = encode([text], model_path, params.device, params.normalize)[0]
         return {params.output_field: [float(x) for x in vector]}
 
     return embed

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jinja2 import meta
 from pydantic import Field, model_validator
 
+from batch_defs.rag import ContextParams, Retriever, context_block
 from batch_defs.secrets import mask
-from batch_defs.tasks.base import Handler, TaskContext, TaskParams, TaskResult
+from batch_defs.tasks.base import Handler, RejectItem, TaskContext, TaskParams, TaskResult
 from batch_defs.tasks.http import check_status
 from batch_defs.tasks.python import import_function
 from batch_defs.tasks.templating import (
@@ -22,7 +24,13 @@ from batch_defs.tasks.templating import (
 )
 
 JUDGE_SYSTEM = {"role": "system",
-                "content": 'Answer with a JSON object {"score": <a number from 0 to 1>}.'}
+                "content": 'Answer with a JSON object {"score": <a number from 0 to 1>, '
+                           '"feedback": "<what would make the answer better>"}.'}
+# What a regenerated attempt is told (regenerate.feedback replaces it): a template over the
+# item plus score, min_score, feedback (the judge's words, or a python gate's reason), attempt.
+FEEDBACK = ("A reviewer did not accept your answer{% if score is not none %} (score {{ score }}, "
+            "at least {{ min_score }} needed){% endif %}. Their feedback: {{ feedback }}\n\n"
+            "Answer the original request again, improved.")
 
 
 class JudgeGate(TaskParams):
@@ -35,6 +43,11 @@ class PythonGate(TaskParams):
     python: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+class RegenerateParams(TaskParams):
+    max_attempts: int = Field(default=2, ge=1, le=10)  # answers in all, the first included
+    feedback: str | None = None  # template of the message that asks again (FEEDBACK)
+
+
 class LlmParams(TaskParams):
     prompt: str  # template over the item
     system: str | None = None  # template too
@@ -44,11 +57,16 @@ class LlmParams(TaskParams):
     json_output: bool = False  # ask for a JSON object and merge its fields into the item
     output_field: str | None = None  # default: <phase>_text (unless json_output)
     gate: JudgeGate | PythonGate | None = None
+    # Ask again, with the gate's feedback added, before rejecting (needs a gate).
+    regenerate: RegenerateParams | None = None
+    context: ContextParams | None = None  # retrieval: passages of a corpus in the prompt
 
     @model_validator(mode="after")
     def _field_or_json(self) -> LlmParams:
         if self.json_output and self.output_field:
             raise ValueError("json_output merges the answer's fields: drop output_field")
+        if self.regenerate and self.gate is None:
+            raise ValueError("regenerate retries what a gate rejects: add a gate")
         return self
 
 
@@ -105,54 +123,152 @@ def chat(resource: Any, messages: list[dict[str, str]], model: str, json_output:
                       int(usage.get("total_tokens") or prompt_tokens + completion_tokens))
 
 
-def make_handler(params: LlmParams, base_dir: Path) -> Handler:
-    env = template_env()
-    prompt = compile_template(env, params.prompt, "prompt")
-    system = compile_template(env, params.system, "system") if params.system else None
-    judge = (compile_template(env, params.gate.judge_prompt, "gate.judge_prompt")
-             if isinstance(params.gate, JudgeGate) else None)
-    gate_function: Callable[..., Any] | None = (
-        import_function(params.gate.python, base_dir)
-        if isinstance(params.gate, PythonGate) else None)
+@dataclass
+class Verdict:
+    """A gate's judgement of one answer."""
 
-    def complete(item: dict[str, Any], ctx: TaskContext) -> TaskResult:
+    passed: bool
+    reason: str  # why it was refused (the reject message)
+    score: float | None = None  # a judge's score
+    feedback: str = ""  # what to improve: the judge's words, or a python gate's reason
+
+
+@dataclass
+class Spend:
+    cost: float = 0.0
+    tokens: int = 0
+
+    def add(self, resource: Any, model: str, answer: Completion) -> None:
+        self.cost += resource.cost(model, answer.prompt_tokens, answer.completion_tokens)
+        self.tokens += answer.total_tokens
+
+
+class LlmTask:
+    """One phase's prompts, gate and context, compiled once; __call__ is the handler."""
+
+    def __init__(self, params: LlmParams, base_dir: Path):
+        env = template_env()
+        self.params = params
+        self.prompt = compile_template(env, params.prompt, "prompt")
+        self.system = compile_template(env, params.system, "system") if params.system else None
+        self.judge = (compile_template(env, params.gate.judge_prompt, "gate.judge_prompt")
+                      if isinstance(params.gate, JudgeGate) else None)
+        self.gate_function: Callable[..., Any] | None = (
+            import_function(params.gate.python, base_dir)
+            if isinstance(params.gate, PythonGate) else None)
+        regenerate = params.regenerate
+        self.attempts = regenerate.max_attempts if regenerate else 1
+        self.feedback = compile_template(env, (regenerate.feedback if regenerate else None)
+                                         or FEEDBACK, "regenerate.feedback")
+        self.retriever = Retriever(params.context, base_dir) if params.context else None
+        self.query = (compile_template(env, params.context.query, "context.query")
+                      if params.context and params.context.query else None)
+        # A prompt that places the passages itself ({{ context }}) gets no block in front.
+        self.places_context = "context" in meta.find_undeclared_variables(
+            env.parse(params.prompt))
+
+    def __call__(self, item: dict[str, Any], ctx: TaskContext) -> TaskResult:
         resource = ctx.resources["llm"]
-        model = params.model or resource.model
+        model = self.params.model or resource.model
         variables = template_vars(item, ctx)
-        messages = [{"role": "user", "content": render(prompt, variables, "prompt")}]
-        if system:
+        extra = self.retrieve(variables, ctx)
+        messages = self.messages(variables)
+        spent, log = Spend(), []
+        refused = Verdict(False, "")
+        for attempt in range(1, self.attempts + 1):
+            before = (spent.cost, spent.tokens)
+            answer = chat(resource, messages, model, self.params.json_output,
+                          self.params.temperature, self.params.max_tokens)
+            spent.add(resource, model, answer)
+            output = (parse_json_object(answer.content, model) if self.params.json_output
+                      else {self.params.output_field or f"{ctx.phase}_text": answer.content})
+            verdict = self.check(item, output, answer.content, variables, model, ctx, spent)
+            if verdict is None:
+                return TaskResult({**output, **extra}, spent.cost, spent.tokens)
+            log.append({"attempt": attempt, "score": verdict.score,
+                        "passed": verdict.passed, "feedback": verdict.feedback or None,
+                        "cost": round(spent.cost - before[0], 8),
+                        "tokens": spent.tokens - before[1]})
+            if verdict.passed:
+                quality = {"score": verdict.score, "attempts": log}
+                return TaskResult({**output, **extra, f"{ctx.phase}_quality": quality},
+                                  spent.cost, spent.tokens)
+            refused = verdict
+            ctx.log.info(f"{ctx.key}: attempt {attempt} refused: {verdict.reason} "
+                         f"(cost so far {spent.cost:.6f})")
+            if attempt < self.attempts:
+                messages = [*messages, {"role": "assistant", "content": answer.content},
+                            {"role": "user", "content": self.ask_again(
+                                variables, verdict, attempt)}]
+        raise RejectItem(refused.reason, spent.cost, spent.tokens, log)
+
+    def retrieve(self, variables: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        """The top passages for the item (into `variables`); the output field of their ids."""
+        if self.retriever is None or self.params.context is None:
+            return {}
+        query = (render(self.query, variables, "context.query") if self.query
+                 else render(self.prompt, {**variables, "context": []}, "prompt"))
+        hits = self.retriever.search(query, ctx.output_dir)
+        variables["context"] = [{"id": h.passage.id, "text": h.passage.text, "score": h.score}
+                                for h in hits]
+        variables["_context_block"] = context_block(hits)
+        return {self.params.context.output_field or f"{ctx.phase}_context":
+                [h.passage.id for h in hits]}
+
+    def messages(self, variables: dict[str, Any]) -> list[dict[str, str]]:
+        text = render(self.prompt, variables, "prompt")
+        block = variables.pop("_context_block", "")
+        if block and not self.places_context:
+            # The passages come first: the request itself stays the prompt's last words.
+            text = f"Context passages:\n\n{block}\n\n{text}"
+        messages = [{"role": "user", "content": text}]
+        if self.system:
             messages.insert(0, {"role": "system",
-                                "content": render(system, variables, "system")})
-        if params.json_output and not any("json" in m["content"].lower() for m in messages):
+                                "content": render(self.system, variables, "system")})
+        if self.params.json_output and not any("json" in m["content"].lower()
+                                               for m in messages):
             # OpenAI refuses response_format json_object unless a message mentions JSON.
             messages.insert(0, {"role": "system", "content": "Answer with a JSON object."})
-        answer = chat(resource, messages, model, params.json_output, params.temperature,
-                      params.max_tokens)
-        cost = resource.cost(model, answer.prompt_tokens, answer.completion_tokens)
-        tokens = answer.total_tokens
-        output = (parse_json_object(answer.content, model) if params.json_output
-                  else {params.output_field or f"{ctx.phase}_text": answer.content})
-        if judge is not None and isinstance(params.gate, JudgeGate):
-            gate, judge_model = params.gate, params.gate.model or model
-            text = render(judge, {**variables, **output, "output": answer.content},
+        return messages
+
+    def check(self, item: dict[str, Any], output: dict[str, Any], content: str,
+              variables: dict[str, Any], model: str, ctx: TaskContext,
+              spent: Spend) -> Verdict | None:
+        """The gate's verdict on one answer (None without a gate); the judge's call is paid."""
+        gate = self.params.gate
+        if self.judge is not None and isinstance(gate, JudgeGate):
+            judge_model = gate.model or model
+            text = render(self.judge, {**variables, **output, "output": content},
                           "gate.judge_prompt")
-            verdict = chat(resource, [JUDGE_SYSTEM, {"role": "user", "content": text}],
-                           judge_model, True)
-            cost += resource.cost(judge_model, verdict.prompt_tokens, verdict.completion_tokens)
-            tokens += verdict.total_tokens
-            score = parse_json_object(verdict.content, judge_model).get("score")
+            answer = chat(ctx.resources["llm"], [JUDGE_SYSTEM,
+                                                 {"role": "user", "content": text}],
+                          judge_model, True)
+            spent.add(ctx.resources["llm"], judge_model, answer)
+            verdict = parse_json_object(answer.content, judge_model)
+            score = verdict.get("score")
             if not isinstance(score, int | float) or isinstance(score, bool):
                 raise ValueError(f"judge {judge_model} gave no numeric score: "
-                                 f"{verdict.content[:200]!r}")
-            if score < gate.min_score:
-                ctx.log.info(f"{ctx.key}: rejected, judge score {score} (cost {cost:.6f})")
-                ctx.reject(f"gate: judge score {score:g} < min_score {gate.min_score:g}")
-        if gate_function is not None and isinstance(params.gate, PythonGate):
-            verdict_value = gate_function({**item, **output}, ctx)
-            if isinstance(verdict_value, str) or not verdict_value:
-                reason = verdict_value if isinstance(verdict_value, str) else ""
-                ctx.reject(f"gate: {params.gate.python}: {reason or 'returned false'}")
-        return TaskResult(output=output, cost=cost, tokens=tokens)
+                                 f"{answer.content[:200]!r}")
+            feedback = str(verdict.get("feedback") or "")
+            return Verdict(score >= gate.min_score,
+                           f"gate: judge score {score:g} < min_score {gate.min_score:g}",
+                           float(score), feedback)
+        if self.gate_function is not None and isinstance(gate, PythonGate):
+            value = self.gate_function({**item, **output}, ctx)
+            if isinstance(value, str) or not value:
+                reason = (value if isinstance(value, str) else "") or "returned false"
+                return Verdict(False, f"gate: {gate.python}: {reason}", None, reason)
+            return Verdict(True, "")
+        return None
 
-    return complete
+    def ask_again(self, variables: dict[str, Any], verdict: Verdict, attempt: int) -> str:
+        gate = self.params.gate
+        min_score = gate.min_score if isinstance(gate, JudgeGate) else None
+        return render(self.feedback, {**variables, "score": verdict.score,
+                                      "min_score": min_score, "attempt": attempt,
+                                      "feedback": verdict.feedback or verdict.reason},
+                      "regenerate.feedback")
 
+
+def make_handler(params: LlmParams, base_dir: Path) -> Handler:
+    return LlmTask(params, base_dir)
