@@ -15,6 +15,7 @@ import dagster as dg
 
 from batch_defs.control import HOST, describe_holder, holder_is_live, take_over
 from batch_defs.engine import RunEngine, RunPlan
+from batch_defs.env import expand_env
 from batch_defs.fanout import spool_source
 from batch_defs.item_failures import record_item_failures
 from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_chunk
@@ -22,7 +23,7 @@ from batch_defs.ledger import Ledger, StopRequest
 from batch_defs.loader import LoadedBatch
 from batch_defs.progress import ProgressWindow
 from batch_defs.secrets import mask, register_resources
-from batch_defs.sources import SourceError, expand_env
+from batch_defs.sources import SourceError
 from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.states import RunState
 from batch_defs.summary import summarize_run

@@ -96,7 +96,8 @@ def _source_spec(params: ContextParams) -> Any:
 
 def read_documents(params: ContextParams, base_dir: Path) -> list[tuple[str, str]]:
     """(document id, text) of the corpus, in a stable order."""
-    from batch_defs.sources import SourceError, read_source, resolve_path
+    from batch_defs.env import resolve_path
+    from batch_defs.sources import SourceError, read_source
 
     if is_folder(params.from_):
         assert isinstance(params.from_, str)

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, overload
 from urllib.parse import quote, unquote, urlsplit
 
-from batch_defs.sources import SourceError, expand_env
+from batch_defs.env import MissingVariableError, expand_env
 
 MASK = "***"
 MIN_LENGTH = 4  # shorter values would mask ordinary words and digits
@@ -85,7 +85,7 @@ def register_headers(headers: Mapping[str, str]) -> None:
         if is_credential_header(name, value):
             try:
                 expanded = expand_env(value)
-            except SourceError:
+            except MissingVariableError:
                 continue
             register(expanded)
             # `Bearer TOKEN`: servers often echo the token alone.

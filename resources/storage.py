@@ -13,9 +13,9 @@ import yaml
 from pydantic import Field, PrivateAttr
 
 from batch_defs.engine import RunEngine
+from batch_defs.env import expand_env
 from batch_defs.ledger import Ledger
 from batch_defs.loader import LoadedBatch, with_overrides
-from batch_defs.sources import expand_env
 from batch_defs.spec import BatchSpec
 
 SETTINGS_FILE = "batch_defs.yaml"  # beside dagster.yaml in DAGSTER_HOME

@@ -10,8 +10,8 @@ from pathlib import Path
 import dagster as dg
 
 from assets.factory import BatchJob
+from batch_defs.env import resolve_path
 from batch_defs.loader import LoadedBatch
-from batch_defs.sources import resolve_path
 
 SEEN_LIMIT = 2000  # file fingerprints kept in the cursor
 

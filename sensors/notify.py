@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from batch_defs.sources import SourceError, expand_env
+from batch_defs.env import MissingVariableError, expand_env
 
 log = logging.getLogger("batch_defs.notify")
 
@@ -67,7 +67,7 @@ def send_all(data: dict[str, Any], emails: list[str], webhooks: list[str],
         try:
             response = httpx.post(expand_env(url), json=data, timeout=10)
             response.raise_for_status()
-        except (httpx.HTTPError, SourceError) as exc:
+        except (httpx.HTTPError, MissingVariableError) as exc:
             problems.append(f"webhook {url}: {type(exc).__name__}: {exc}")
     for problem in problems:
         log.warning("notification failed: %s", problem)

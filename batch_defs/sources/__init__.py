@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import codecs
 import math
-import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from batch_defs.env import SourceError
+
+__all__ = ["RawRecord", "SourceError", "read_source"]
 
 
 @dataclass(frozen=True)
@@ -20,30 +22,6 @@ class RawRecord:
     row: int
     data: dict[str, Any] | None
     error: str | None = None
-
-
-class SourceError(RuntimeError):
-    """The source as a whole cannot be read (missing file, refused connection, HTTP 500...)."""
-
-
-_ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def expand_env(text: str) -> str:
-    """Replace ${env:NAME} at read time, so secrets never sit in specs or run config."""
-
-    def lookup(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise SourceError(f"environment variable {name} is not set")
-        return os.environ[name]
-
-    return _ENV.sub(lookup, text)
-
-
-def resolve_path(path: str, base_dir: Path) -> Path:
-    resolved = Path(expand_env(path)).expanduser()
-    return resolved if resolved.is_absolute() else (base_dir / resolved)
 
 
 def check_encoding(path: Path, encoding: str) -> None:

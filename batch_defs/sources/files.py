@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batch_defs.env import resolve_path
 from batch_defs.sources import (
     MAX_NESTING,
     RawRecord,
@@ -18,7 +19,6 @@ from batch_defs.sources import (
     field_names,
     json_type,
     record_problem,
-    resolve_path,
 )
 from batch_defs.sources.jsonstream import read_records
 

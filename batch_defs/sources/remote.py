@@ -12,11 +12,11 @@ import httpx
 import sqlalchemy as sa
 import tenacity
 
+from batch_defs.env import expand_env, resolve_url
 from batch_defs.sources import (
     RawRecord,
     SourceError,
     dig,
-    expand_env,
     field_names,
     json_type,
     record_problem,
@@ -24,10 +24,7 @@ from batch_defs.sources import (
 
 
 def read_sql(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
-    url = expand_env(spec.url)
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = f"sqlite:///{(base_dir / url.removeprefix('sqlite:///')).resolve()}"
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(resolve_url(spec.url, base_dir))
     try:
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal
 import httpx
 from pydantic import Field, field_validator
 
+from batch_defs.env import expand_env
 from batch_defs.secrets import is_credential_header, mask, register
-from batch_defs.sources import SourceError, dig, expand_env
+from batch_defs.sources import SourceError, dig
 from batch_defs.sources.remote import retry_after_seconds
 from batch_defs.tasks.base import Handler, TaskContext, TaskParams
 from batch_defs.tasks.templating import (

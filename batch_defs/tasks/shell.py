@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -14,10 +13,9 @@ from typing import Any
 import psutil
 from pydantic import Field
 
+from batch_defs.env import ENV_REFERENCE
 from batch_defs.tasks.base import Handler, TaskContext, TaskParams
 from batch_defs.tasks.templating import compile_template, render, template_env, template_vars
-
-_ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ShellParams(TaskParams):
@@ -46,7 +44,7 @@ def tail(data: bytes, limit: int) -> str:
 def env_template(value: str) -> str:
     """`${env:NAME}` in a param becomes a lookup in `_env`, filled when the command runs:
     expanded in the param's text only, never in item values rendered into it."""
-    return _ENV.sub(lambda m: "{{ _env['" + m.group(1) + "'] }}", value)
+    return ENV_REFERENCE.sub(lambda m: "{{ _env['" + m.group(1) + "'] }}", value)
 
 
 def environment_values(names: set[str]) -> dict[str, str]:
@@ -121,7 +119,7 @@ def make_handler(params: ShellParams, base_dir: Path) -> Handler:
     cwd = compile_template(env, params.cwd, "cwd") if params.cwd else None
     variables_env = {name: compile_template(env, env_template(value), f"env.{name}")
                      for name, value in params.env.items()}
-    env_names = {m.group(1) for value in params.env.values() for m in _ENV.finditer(value)}
+    env_names = {m.group(1) for value in params.env.values() for m in ENV_REFERENCE.finditer(value)}
 
     def run(item: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         variables = {**template_vars(item, ctx), "output_dir": str(ctx.output_dir),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 from pydantic import ConfigDict, Field, model_validator
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
+from batch_defs.env import resolve_url
 from batch_defs.tasks.base import (
     AfterContext,
     AfterHandler,
@@ -30,18 +30,6 @@ from batch_defs.tasks.templating import compile_value, template_env, template_va
 Mode = Literal["insert", "upsert", "update", "delete"]
 STAGE_KEY = "batch_item_key"  # primary key of a staging table: re-staging an item replaces it
 STAGE_REGISTRY = "batch_sql_stage"  # which staging tables wait for sql_commit, and how
-
-
-def resolve_url(url: str, base_dir: Path | None = None) -> str:
-    """A relative SQLite path (`sqlite:///data/x.db`) is relative to the batch file's folder,
-    as in the sql source; other URLs are returned as they are."""
-    prefix = "sqlite:///"
-    if base_dir is None or not url.startswith(prefix) or url.startswith(prefix + "/"):
-        return url
-    path, sep, query = url.removeprefix(prefix).partition("?")
-    if not path or path == ":memory:":
-        return url
-    return f"{prefix}{(base_dir / path).resolve()}{sep}{query}"
 
 
 def create_engine(url: str) -> sa.Engine:
@@ -81,7 +69,6 @@ def database(resources: Mapping[str, Any], what: str) -> Any:
     return resource
 
 
-_ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 _TEMPLATE = re.compile(r"\{\{|\{%")
 
 
@@ -125,17 +112,6 @@ class SqlParams(TaskParams):
             raise ValueError("transaction batch needs `url` (the sql_commit step connects "
                              "with it too)")
         return self
-
-
-def expand_env(text: str) -> str:
-    """`${env:NAME}` replaced when the task runs, so URLs with secrets stay out of specs."""
-
-    def lookup(match: re.Match[str]) -> str:
-        if match.group(1) not in os.environ:
-            raise ValueError(f"environment variable {match.group(1)} is not set")
-        return os.environ[match.group(1)]
-
-    return _ENV.sub(lookup, text)
 
 
 def db_error(action: str, exc: sa.exc.SQLAlchemyError) -> SqlError:
@@ -302,7 +278,7 @@ class SqlWriter:
     def target(self, ctx: TaskContext) -> Target:
         resource = database(ctx.resources, "the sql task")
         if self.params.url:
-            url = resolve_url(expand_env(self.params.url), self.base_dir)
+            url = resolve_url(self.params.url, self.base_dir)
         else:
             url = resource.url
             if not url:
@@ -655,7 +631,7 @@ def commit_failure(engine: sa.Engine, ctx: AfterContext, phase: str | None, rows
 
 def make_commit_handler(params: SqlCommitParams, base_dir: Path) -> AfterHandler:
     def commit(rows: Any, ctx: AfterContext) -> dict[str, Any]:
-        url = resolve_url(expand_env(params.url), base_dir)
+        url = resolve_url(params.url, base_dir)
         engine = database(ctx.resources, "sql_commit").engine(url)
         if not sa.inspect(engine).has_table(STAGE_REGISTRY):
             ctx.log.info("sql_commit: nothing staged")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-_ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+from batch_defs.env import resolve_url
 
 
 def to_customer(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -28,10 +26,7 @@ def to_customer(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 def database_url(url: str, base_dir: Path) -> str:
     """${env:NAME} expanded; a relative SQLite path is beside the batch file."""
-    url = _ENV.sub(lambda m: os.environ[m.group(1)], url)
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        return f"sqlite:///{(base_dir / url.removeprefix('sqlite:///')).resolve()}"
-    return url
+    return resolve_url(url, base_dir)
 
 
 def count_rows(url: str, table: str) -> int:
