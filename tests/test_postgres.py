@@ -43,7 +43,8 @@ def test_batch_on_postgres_instance(batch_dir: Path, pg_instance: dg.DagsterInst
         dagster_runs = conn.execute(sa.text(
             "select count(*) from runs where pipeline_name = 'pg_batch'")).scalar()
         error = conn.execute(sa.text(
-            "select error from batch_item where status = 'failed'")).scalar()
+            "select error from batch_item where status = 'failed' and run_id = :r"),
+            {"r": result.run_id}).scalar()
     engine.dispose()
     assert by_status == {"succeeded": 199 + 199, "failed": 1}
     assert error == "ValueError: bad record 42"
