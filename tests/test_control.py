@@ -1,0 +1,164 @@
+"""Run control in process: states as users read them, live and stale runs, leases, pause and
+resume, and one configuration of the ledger that ops, CLI, sensors and reports all use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+from pytest_httpserver import HTTPServer
+
+from batch_defs import control
+from batch_defs.control import ControlError, effective_state
+from batch_defs.definitions import build_definitions
+from batch_defs.ledger import LeaseHolder
+from batch_defs.states import RunState
+from resources.storage import SETTINGS_FILE, instance_ledger_url, open_ledger
+from tests.conftest import cli, inline_items, run_batch, write_batch
+from tests.test_sensors import end_of_run
+
+S = dg.DagsterRunStatus
+
+
+def run_with(status: dg.DagsterRunStatus, **tags: str) -> dg.DagsterRun:
+    return dg.DagsterRun(job_name="j", run_id="r", status=status, tags=tags)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("status", "recorded", "shown"), [
+    (S.STARTED, "running", RunState.RUNNING),
+    (S.STARTED, "succeeded", RunState.RUNNING),  # not over yet, whatever the row says
+    (S.STARTED, "paused", RunState.PAUSED),  # stopping: pause was asked for
+    (S.SUCCESS, "succeeded", RunState.SUCCEEDED),
+    (S.SUCCESS, "running", RunState.SUCCEEDED),
+    (S.FAILURE, "succeeded", RunState.FAILED),  # Dagster says failed: never "succeeded"
+    (S.FAILURE, "running", RunState.FAILED),  # killed: no longer "running"
+    (S.FAILURE, "paused", RunState.PAUSED),
+    (S.CANCELED, "running", RunState.CANCELED),
+    (S.FAILURE, None, RunState.FAILED),
+])
+def test_a_run_reads_as_dagster_and_the_ledger_agree(status: dg.DagsterRunStatus,
+                                                     recorded: str | None,
+                                                     shown: RunState) -> None:
+    assert effective_state(run_with(status), recorded) is shown
+
+
+@pytest.mark.unit
+def test_live_and_gone_worker_processes() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = {"batch/host": control.HOST}
+    assert control.worker_alive(run_with(S.STARTED, **here, **{"batch/pid": str(os.getpid())}))
+    assert control.worker_alive(run_with(S.STARTED, **here,
+                                         **{"batch/pid": str(gone.pid)})) is False
+    elsewhere = {"batch/host": "another-host", "batch/pid": "1"}
+    assert control.worker_alive(run_with(S.STARTED, **elsewhere)) is None  # cannot tell
+
+
+@pytest.mark.job
+def test_a_live_holder_is_named_and_a_gone_one_is_not(instance: dg.DagsterInstance,
+                                                      batch_dir: Path) -> None:
+    write_batch(batch_dir, {"name": "leased", "source": inline_items(2),
+                            "phases": [{"name": "w", "task": "python",
+                                        "params": {"function": "tests.handlers:sleep_ms"}}]})
+    job = build_definitions([batch_dir]).resolve_job_def("leased")
+    live = instance.create_run_for_job(job_def=job, tags={"dagster/partition": "p"})
+    with open_ledger(instance) as ledger:
+        now = time.time()
+        assert control.live_holder(instance, ledger, "leased", "p") is None
+        ledger.acquire_lease("leased", "p", live.run_id, control.HOST, os.getpid(),
+                             lambda held: True)
+        with pytest.raises(ControlError, match=f"is held by run {live.run_id} "
+                                               f"\\(pid {os.getpid()} on {control.HOST}"):
+            control.wait_for_partition(instance, ledger, "leased", "p", wait=False)
+        # The same lease, but its process is gone: no longer a holder.
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        dead = LeaseHolder(live.run_id, control.HOST, gone.pid, now, now)
+        assert not control.holder_is_live(instance, dead)
+
+
+@pytest.mark.job
+def test_resume_refuses_a_live_run_and_pause_stops_an_in_process_run(
+        instance: dg.DagsterInstance, batch_dir: Path) -> None:
+    write_batch(batch_dir, {"name": "pausable", "source": inline_items(200),
+                            "phases": [{"name": "w", "task": "python",
+                                        "params": {"function": "tests.handlers:sleep_ms",
+                                                   "ms": 50}}],
+                            "options": {"concurrency": 4}})
+    job = build_definitions([batch_dir]).resolve_job_def("pausable")
+    alive = instance.create_run_for_job(
+        job_def=job, tags={"dagster/partition": "p", "batch/pid": str(os.getpid()),
+                           "batch/host": control.HOST})
+    with open_ledger(instance) as ledger:
+        with pytest.raises(ControlError, match="its process is alive; pause or cancel it"):
+            control.prepare_resume(instance, ledger, alive.run_id)
+
+    results: list[dg.ExecuteInProcessResult] = []
+    worker = threading.Thread(target=lambda: results.append(
+        run_batch(batch_dir, instance, "pausable", partition="q")))
+    worker.start()
+    with open_ledger(instance) as ledger:
+        deadline = time.monotonic() + 60
+        while not ledger.runs("pausable") or not ledger.counts(ledger.runs("pausable")[-1]
+                                                               ["run_id"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        run_id = ledger.runs("pausable")[-1]["run_id"]
+        control.pause(instance, ledger, run_id)
+        worker.join(60)
+        (result,) = results
+        assert not result.success
+        assert ledger.run(run_id)["status"] == RunState.PAUSED
+        assert instance.get_run_by_id(run_id).tags["batch/state"] == "paused"
+        done = sum(n for (_, status), n in ledger.counts(run_id).items()
+                   if status == "succeeded")
+        assert 0 < done < 200  # stopped part-way, with every started item recorded
+        plan = control.prepare_resume(instance, ledger, run_id)
+        assert (plan.job_name, plan.partition) == ("pausable", "q")
+
+
+@pytest.mark.cli
+def test_one_ledger_configuration_is_used_by_ops_cli_sensors_and_reports(
+        cli_env: dict[str, str], batch_dir: Path, tmp_path: Path,
+        httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
+    home, elsewhere = Path(cli_env["DAGSTER_HOME"]), tmp_path / "elsewhere.db"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (home / SETTINGS_FILE).write_text(f"ledger_url: sqlite:///{elsewhere}\n")
+    write_batch(batch_dir, {
+        "name": "configured", "source": inline_items(30),
+        "phases": [{"name": "w", "task": "python",
+                    "params": {"function": "tests.handlers:fail_listed", "fail_keys": [7]}}],
+        "options": {"on_error": "continue", "tolerated_failures": 1},
+        "notify": {"on": ["success"], "webhook": [httpserver.url_for("/hook")]}})
+    ran = cli(cli_env, "run", "configured", "--partition", "p", "--json")
+    assert ran.returncode == 0, ran.stderr
+    run_id = json.loads(ran.stdout)["run_id"]
+    assert elsewhere.exists() and not (home / "batch_ledger.db").exists()
+    engine = sa.create_engine(f"sqlite:///{elsewhere}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("select count(*) from batch_item")).scalar() == 30
+    engine.dispose()
+
+    status = json.loads(cli(cli_env, "status", run_id, "--json").stdout)
+    assert status["failed_items"] == 1 and status["items"] == 30
+    failed = json.loads(cli(cli_env, "results", run_id, "--status", "failed", "--json").stdout)
+    assert [row["item_key"] for row in failed] == ["7"]
+    report = json.loads(cli(cli_env, "report", run_id, "--format", "json").stdout)
+    assert [row["item_key"] for row in report["failed"]] == ["7"]
+
+    with dg.DagsterInstance.from_config(str(home)) as inst:
+        assert instance_ledger_url(inst) == f"sqlite:///{elsewhere}"
+        end_of_run(build_definitions([batch_dir]), inst, run_id)
+    hook = json.loads(httpserver.log[0][0].get_data())
+    assert hook["counts"]["failed_items"] == 1 and hook["counts"]["succeeded"] == 29
