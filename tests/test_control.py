@@ -98,9 +98,9 @@ def test_resume_refuses_a_live_run_and_pause_stops_an_in_process_run(
     alive = instance.create_run_for_job(
         job_def=job, tags={"dagster/partition": "p", "batch/pid": str(os.getpid()),
                            "batch/host": control.HOST})
-    with open_ledger(instance) as ledger:
-        with pytest.raises(ControlError, match="its process is alive; pause or cancel it"):
-            control.prepare_resume(instance, ledger, alive.run_id)
+    with (open_ledger(instance) as ledger,
+          pytest.raises(ControlError, match="its process is alive; pause or cancel it")):
+        control.prepare_resume(instance, ledger, alive.run_id)
 
     results: list[dg.ExecuteInProcessResult] = []
     worker = threading.Thread(target=lambda: results.append(
