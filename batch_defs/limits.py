@@ -37,6 +37,8 @@ RECOVER_EVERY_S = 0.25  # how often one process writes a recovery
 IDLE_RESET_S = 60.0  # a limit nobody used for this long starts again at its declared rate
 HOLDER_TTL_S = 600.0  # a concurrency slot held this long by a process elsewhere is taken back
 HISTORY = 50  # back-offs kept in a limit's state
+LATE_SHARE = 0.5  # a caller later than this share of the interval gives its token back
+MAX_REQUEUES = 20
 _holders = itertools.count()
 
 
@@ -377,17 +379,33 @@ class Gate:
                     return None
                 pause = min(0.2, pause * 1.5)
             permit.entered.append(bucket)
-        wait = 0.0
-        for bucket in [b for b in self.buckets if b.rate_per_s]:
-            tokens, rate = store.reserve(bucket)
-            with self._lock:
-                self._rates[bucket.name] = rate
-            if tokens < 0 and rate > 0:
-                wait = max(wait, -tokens / rate)
-        if wait and stop.wait(wait):
+        if not self._await_tokens(stop):
             self._leave(permit)
             return None
         return permit
+
+    def _await_tokens(self, stop: threading.Event) -> bool:
+        """Take a token of each rate and wait for the moment it was promised; False if
+        `stop` came meanwhile. A caller that woke too late (its process was starved of CPU)
+        queues again: its moment is gone (giving it back would let the next caller start
+        early), and late callers must not start in a bunch with those on time."""
+        store = self._store()
+        rated = [b for b in self.buckets if b.rate_per_s]
+        for _ in range(MAX_REQUEUES):
+            wait, fastest = 0.0, 0.0
+            for bucket in rated:
+                tokens, rate = store.reserve(bucket)
+                with self._lock:
+                    self._rates[bucket.name] = rate
+                fastest = max(fastest, rate)
+                if tokens < 0 and rate > 0:
+                    wait = max(wait, -tokens / rate)
+            due = time.monotonic() + wait
+            if wait and stop.wait(wait):
+                return False
+            if not wait or time.monotonic() - due <= max(0.005, LATE_SHARE / fastest):
+                return True
+        return True
 
     def release(self, permit: Permit, error: BaseException | None) -> None:
         self._leave(permit)
