@@ -71,7 +71,8 @@ def parse_changes(assignments: Sequence[str], spec: BatchSpec | None) -> dict[st
         LiveSettings.from_values(values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        loc = [str(p) for p in first["loc"]]
+        where = f"phases.{loc[1]}.rate" if loc[0] == "rates" else f"options.{loc[0]}"
         raise SettingsError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from exc
     if spec is not None and spec.options.mode == "sequential" and "options.concurrency" in values:
         raise SettingsError("options.concurrency: this batch runs sequentially (one item at "
