@@ -164,13 +164,15 @@ class BatchStep:
 
         The step fails rather than skips, so re-execution from failure picks it up again; the
         run is tagged with its state, since Dagster has no 'paused' status of its own.
-        A step that ran items rolls the run back first if options.rollback_on says so.
+        The run is rolled back first if options.rollback_on says so.
         """
         self.ledger.request_stop(self.run_id, stop)
         self.mark(stop.kind.run_state)
         self.publish_progress(force=True)
         where = "" if started else "not started: "
-        rolled = self.roll_back(ROLLBACK_EVENTS.get(stop.kind)) if started else ""
+        # Even a step that did not start may end the run in a process whose slots worked
+        # ahead into its items; a rollback that finds everything undone already is a no-op.
+        rolled = self.roll_back(ROLLBACK_EVENTS.get(stop.kind))
         raise dg.Failure(f"{where}{stop.reason}{rolled}", allow_retries=False)
 
     def roll_back(self, event: str | None) -> str:

@@ -76,7 +76,7 @@ class RollbackReport:
     def line(self) -> str:
         parts = [f"{name}: {p.undone} undone" + (f", {p.failed} failed" if p.failed else "")
                  + (f", {p.held_back} held back" if p.held_back else "")
-                 for name, p in self.phases.items()]
+                 for name, p in self.phases.items() if p.undone or p.failed or p.held_back]
         return "; ".join(parts) or "nothing to undo"
 
 
