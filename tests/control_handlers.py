@@ -32,3 +32,13 @@ def timed(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     with _lock:
         intervals.append((started, time.time(), ctx.key))
     return {"timed": True}
+
+
+def hold_until_file(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Waits (at most params.timeout_s) until the file params.marker exists."""
+    import os
+
+    deadline = time.monotonic() + float(ctx.params.get("timeout_s", 120))
+    while not os.path.exists(ctx.params["marker"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {"released": True}
