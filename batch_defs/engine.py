@@ -110,7 +110,8 @@ class RunPlan:
 class PhaseWork:
     """One phase's handler behind its condition, route, limits, retries and timeouts."""
 
-    def __init__(self, plan: RunPlan, index: int, handler: Handler, store: LimitStore):
+    def __init__(self, plan: RunPlan, index: int, handler: Handler, store: LimitStore,
+                 log: Any, rate: str | None = None):
         self.plan, self.index, self.handler = plan, index, handler
         self.spec: PhaseSpec = plan.spec.phases[index]
         # A handler that defers its writes to the chunk's end (sql `transaction: chunk`):
@@ -119,7 +120,7 @@ class PhaseWork:
             handler, "finish_chunk", None)
         self.when = Expression(self.spec.when) if self.spec.when else None
         self.router = handler if isinstance(handler, Router) else None
-        self.gate = Gate(store, phase_buckets(plan, self.spec), plan.log)
+        self.gate = Gate(store, phase_buckets(plan, self.spec, rate), log)
         stop = threading.Event()  # one for the phase: halt() ends every runner's waits
         self.runner = self._runner(self.handler, stop)
         self.branches = {branch: self._runner(case, stop, self.router.params[branch])
@@ -188,12 +189,13 @@ def ledger_row(plan: RunPlan, phase: str, item: Item, **values: Any) -> dict[str
             "worker": f"{HOST}:{os.getpid()}", **values}  # which process ran it
 
 
-def phase_buckets(plan: RunPlan, phase: PhaseSpec) -> list[Bucket]:
-    """The limits a phase's attempts wait for: its own `rate` (shared by the run's processes)
-    and the batch-level limit it names."""
+def phase_buckets(plan: RunPlan, phase: PhaseSpec, rate: str | None = None) -> list[Bucket]:
+    """The limits a phase's attempts wait for: its own `rate` (shared by the run's processes;
+    `rate` is a live change of it) and the batch-level limit it names."""
     buckets = []
-    if phase.rate_per_s:
-        buckets.append(phase_bucket(plan, phase.name, phase.rate_per_s))
+    rate = rate or phase.rate
+    if rate:
+        buckets.append(phase_bucket(plan, phase.name, rate_per_second(rate)))
     if phase.limit is not None:
         declared = plan.spec.limits.get(phase.limit)
         if declared is None:
@@ -206,6 +208,17 @@ def phase_buckets(plan: RunPlan, phase: PhaseSpec) -> list[Bucket]:
 
 def phase_bucket(plan: RunPlan, phase: str, rate_per_s: float) -> Bucket:
     return Bucket(f"run:{plan.run_id}:{phase}"[:128], f"phase {phase} rate", rate_per_s)
+
+
+class _StepLog:
+    """The log of whichever step waits on the engine now (slots outlive the step that made
+    the engine): back-offs of rate limits are logged where people look."""
+
+    def __init__(self, engine: RunEngine):
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine.log, name)
 
 
 class GroupCommitter:
@@ -275,14 +288,21 @@ class RunEngine:
         self.spec = plan.spec
         self.store = plan.limit_store or open_store(plan.ledger, plan.spec.options.executor,
                                                     plan.spec.options.celery.broker)
-        self.phases = [PhaseWork(plan, i, h, self.store) for i, h in enumerate(plan.handlers)]
+        self.log: Any = plan.log  # the latest waiting step's: where slots' news go
+        # A process that joins a running batch starts with the changes made to it so far.
+        self.live = LiveSettings.from_values(
+            plan.ledger.run_control(plan.run_id)[1].get("values", {}))
+        self.phases = [PhaseWork(plan, i, h, self.store, _StepLog(self),
+                                 self.live.rates.get(plan.spec.phases[i].name))
+                       for i, h in enumerate(plan.handlers)]
         state = state or RunSnapshot()
         self.failures = state.failed_items
         self.cost, self.tokens = state.spent_cost, state.spent_tokens
         self.tolerated = 0  # set from the first chunk: a share of the whole batch
         self.tolerance_base = 0  # the items tolerated_failures is a share of
-        self.live = LiveSettings()  # changes made while it runs (batch-defs set)
-        self.width = plan.spec.options.slots  # slots that may take work (live: concurrency)
+        # Slots that may take work: options.concurrency, or its live change.
+        self.width = (plan.spec.options.slots if plan.spec.options.mode == "sequential"
+                      else self.live.concurrency or plan.spec.options.slots)
         self.cond = threading.Condition()
         self.known: dict[Key, Known] = {}
         self.inputs: dict[Key, Task] = {}  # input available, not queued (held or not ahead)
@@ -333,6 +353,7 @@ class RunEngine:
     def run_chunks(self, phase: int, refs: Sequence[ChunkRef],
                    on_check: Callable[[], None] | None = None, log: Any = None) -> ChunkReport:
         self.add_chunks(refs)
+        self.log = log or self.log
         for ref in refs:
             self._load(ref)
         chunks = [ref.index for ref in refs]

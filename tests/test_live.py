@@ -161,3 +161,34 @@ def test_set_on_an_ended_run_says_so_in_one_line(cli_env: dict[str, str],
     done = cli(cli_env, "set", run_id, "options.concurrency=5")
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: run {run_id} has already ended (SUCCESS)")
+
+
+@pytest.mark.unit
+def test_a_process_that_joins_a_running_batch_starts_with_its_changes(
+        unit_ledger: Ledger, tmp_path: Path) -> None:
+    from batch_defs.engine import RunEngine
+
+    plan = engine_plan(unit_ledger, [lambda item, ctx: None], tmp_path, concurrency=4,
+                       phases=[{"rate": "2/s"}])
+    unit_ledger.start_run("run-1", "unit", "p1", 0, ["phase0"])
+    unit_ledger.change_settings("run-1", {"options.concurrency": 9,
+                                          "phases.phase0.rate": "30/s"}, by="test")
+    engine = RunEngine(plan)
+    try:
+        assert engine.width == 9 and len(engine.slots) == 9
+        assert [b.rate_per_s for b in engine.phases[0].gate.buckets] == [30.0]
+    finally:
+        engine.close()
+
+
+@pytest.mark.unit
+def test_limits_live_in_redis_for_celery_and_in_the_ledger_otherwise(
+        unit_ledger: Ledger) -> None:
+    from batch_defs.limits import LedgerLimitStore, RedisLimitStore, open_store
+
+    assert isinstance(open_store(unit_ledger, "celery", "redis://127.0.0.1:6379/0"),
+                      RedisLimitStore)
+    assert isinstance(open_store(unit_ledger, "in_process", "redis://127.0.0.1:6379/0"),
+                      LedgerLimitStore)
+    assert isinstance(open_store(unit_ledger, "celery", "amqp://127.0.0.1"),
+                      LedgerLimitStore)
