@@ -121,6 +121,8 @@ def test_rollback_deletes_exactly_the_records_a_failed_run_created(
     done = cli(home_env(dagster_home, batch_dir), "rollback", result.run_id[:8])
     assert done.returncode == 0, done.stderr
     assert f"rollback of {result.run_id}: create: {len(created)} undone" in done.stdout
+    print(f"the run created {len(created)} records; rollback deleted "
+          f"{sum(records.deleted.values())}")
     assert set(records.deleted) == created  # none missed, nothing else touched
     assert set(records.deleted.values()) == {1} and not records.missing  # none twice
     again = cli(home_env(dagster_home, batch_dir), "rollback", result.run_id)
