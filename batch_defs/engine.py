@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from batch_defs.expressions import Expression, ExpressionError, item_variables
 from batch_defs.items import (
     ChunkRef,
@@ -290,8 +292,7 @@ class RunEngine:
                                                     plan.spec.options.celery.broker)
         self.log: Any = plan.log  # the latest waiting step's: where slots' news go
         # A process that joins a running batch starts with the changes made to it so far.
-        self.live = LiveSettings.from_values(
-            plan.ledger.run_control(plan.run_id)[1].get("values", {}))
+        self.live = live_at_start(plan)
         self.phases = [PhaseWork(plan, i, h, self.store, _StepLog(self),
                                  self.live.rates.get(plan.spec.phases[i].name))
                        for i, h in enumerate(plan.handlers)]
@@ -303,6 +304,7 @@ class RunEngine:
         # Slots that may take work: options.concurrency, or its live change.
         self.width = (plan.spec.options.slots if plan.spec.options.mode == "sequential"
                       else self.live.concurrency or plan.spec.options.slots)
+        self.refused: dict[str, Any] | None = None  # live settings that did not validate
         self.cond = threading.Condition()
         self.known: dict[Key, Known] = {}
         self.inputs: dict[Key, Task] = {}  # input available, not queued (held or not ahead)
@@ -748,8 +750,16 @@ class RunEngine:
         if stop is not None:
             self.halt(stop)
         values = settings.get("values")
-        if values:
-            self.apply(LiveSettings.from_values(values), log or self.plan.log)
+        if not values:
+            return
+        try:
+            live = LiveSettings.from_values(values)
+        except ValidationError as exc:  # written around batch-defs set: keep what runs
+            if values != self.refused:
+                (log or self.plan.log).warning(f"live change ignored: {values}: {exc}")
+                self.refused = values
+            return
+        self.apply(live, log or self.plan.log)
 
     # Live changes (batch-defs set): applied by whichever step sees them first, and logged
 
@@ -777,9 +787,9 @@ class RunEngine:
                      f"({before} -> {self.tolerated} items) (batch-defs set)")
         for name, rate in live.rates.items():
             if old.rates.get(name) != rate:
-                self._change_rate(name, rate, log)
+                self._change_rate(name, rate, old.rates.get(name), log)
 
-    def _change_rate(self, name: str, rate: str, log: Any) -> None:
+    def _change_rate(self, name: str, rate: str, before: str | None, log: Any) -> None:
         work = next((p for p in self.phases if p.spec.name == name), None)
         if work is None:
             log.warning(f"live change ignored: phases.{name}.rate (no phase {name!r})")
@@ -789,8 +799,8 @@ class RunEngine:
             work.gate.set_rate(bucket.name, rate_per_second(rate))
         else:
             work.gate.add(bucket)
-        log.info(f"live change: phases.{name}.rate {work.spec.rate or 'none'} -> {rate} "
-                 "(batch-defs set)")
+        log.info(f"live change: phases.{name}.rate {before or work.spec.rate or 'none'} -> "
+                 f"{rate} (batch-defs set)")
 
     def _settle_held(self, phase: int, chunk: int) -> None:
         """Let the handler complete the writes it deferred; items whose write failed become
@@ -841,6 +851,15 @@ class RunEngine:
             self.chunk_keys[chunk] = []  # loaded, and nothing left to do
             for phase in range(len(self.phases)):
                 self.pending.pop((phase, chunk), None)
+
+
+def live_at_start(plan: RunPlan) -> LiveSettings:
+    """The changes made to the run so far (none if they do not validate: see _check)."""
+    try:
+        return LiveSettings.from_values(
+            plan.ledger.run_control(plan.run_id)[1].get("values", {}))
+    except ValidationError:
+        return LiveSettings()
 
 
 def run_items(plan: RunPlan, items: Sequence[Item], folder: Path) -> ChunkReport:

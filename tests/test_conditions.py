@@ -227,3 +227,16 @@ def test_validate_prints_an_expression_error_with_its_line(batch_dir: Path,
     done = cli(cli_env, "validate", str(batch_dir / "checks.yaml"))
     assert done.returncode == 1
     assert "checks.yaml:12 phases[1].when: unexpected '>' in 'amount >> 3'" in done.stderr
+
+
+@pytest.mark.unit
+def test_a_condition_skip_counts_as_done_for_dependants(unit_ledger: Ledger,
+                                                        tmp_path: Path) -> None:
+    ran: list[str] = []
+    plan = engine_plan(unit_ledger, [lambda item, ctx: ran.append(ctx.key)], tmp_path,
+                       phases=[{"when": "key != 'a'"}])
+    run_items(plan, [Item("a", 0, {"id": "a"}), Item("b", 1, {"id": "b", "depends_on": "a"})],
+              tmp_path)
+    rows = by_phase(unit_ledger)["phase0"]
+    assert (rows["a"].status, rows["a"].skip_cause) == ("skipped", "condition")
+    assert rows["b"].status == "succeeded" and ran == ["b"]
