@@ -46,7 +46,7 @@ def test_set_raises_the_concurrency_of_a_running_batch_within_two_seconds(
         batch_dir: Path, dagster_home: Path, instance: dg.DagsterInstance) -> None:
     write_batch(batch_dir, {
         "name": "widening",
-        "source": {"type": "inline", "key": "id", "items": [{"id": i} for i in range(240)]},
+        "source": {"type": "inline", "key": "id", "items": [{"id": i} for i in range(400)]},
         "phases": [{"name": "work", "task": "python",
                     "params": {"function": "tests.control_handlers:timed", "ms": 250}}],
         "options": {"concurrency": 4},

@@ -143,7 +143,7 @@ def test_a_rollback_killed_with_sigkill_then_run_again_deletes_each_record_once(
     assert not result.success  # 3 failures in `confirm`, none tolerated
     created = set(records.created)
     assert len(created) == 50
-    records.delete_ms = 100
+    records.delete_ms = 200
     env = home_env(dagster_home, batch_dir)
     first = subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "rollback",
                               result.run_id], env=env, cwd=PROJECT, start_new_session=True,
