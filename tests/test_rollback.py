@@ -33,8 +33,9 @@ class RecordsApi:
     """POST /records creates a record (refused for the listed keys); DELETE /records/ID
     deletes it (204), or answers 404 if there is none. Every call is counted."""
 
-    def __init__(self, refuse: set[int] = frozenset(), delete_ms: int = 0):  # type: ignore
-        self.refuse, self.delete_ms = refuse, delete_ms
+    def __init__(self, refuse: set[int] = frozenset(), delete_ms: int = 0,  # type: ignore
+                 create_ms: int = 0):
+        self.refuse, self.delete_ms, self.create_ms = refuse, delete_ms, create_ms
         self.records: dict[int, int] = {}  # record id -> item key
         self.created: list[int] = []
         self.deleted: Counter[int] = Counter()  # record id -> deletions that removed it
@@ -44,6 +45,7 @@ class RecordsApi:
 
     def create(self, request: Request) -> Response:
         key = int(request.get_json()["key"])
+        time.sleep(self.create_ms / 1000)
         if key in self.refuse:
             return Response(json.dumps({"error": "invalid"}), status=422)
         with self.lock:
@@ -189,3 +191,28 @@ def test_rollback_on_fail_undoes_the_run_in_the_run_and_a_new_run_creates_again(
     with open_ledger(instance) as ledger:
         rows = ledger.rows(again.run_id, phase="create")
     assert rows["reused_from"].isna().all()
+
+
+def test_rollback_on_cancel_undoes_what_a_canceled_run_created(
+        api: tuple[HTTPServer, RecordsApi], batch_dir: Path, dagster_home: Path,
+        instance: dg.DagsterInstance) -> None:
+    server, records = api
+    records.create_ms = 400  # 50 items at concurrency 2: 10 s
+    records_batch(batch_dir, server, rollback_on=["cancel"], concurrency=2)
+    env = home_env(dagster_home, batch_dir)
+    run = subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "run", "records",
+                            "--partition", "p1"], env=env, cwd=PROJECT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(records.created) < 10:
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.05)
+    run_id = instance.get_runs(limit=1)[0].run_id
+    canceled = cli(env, "cancel", run_id, "--grace", "60")
+    assert canceled.returncode == 0, canceled.stderr
+    run.communicate(timeout=120)
+    assert 10 <= len(records.created) < 50
+    assert set(records.deleted) == set(records.created) and not records.records
+    assert set(records.deleted.values()) == {1}
+    messages = [r.user_message for r in instance.all_logs(run_id)]
+    assert any("options.rollback_on: cancel: rolling the run back" in m for m in messages)
