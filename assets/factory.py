@@ -22,10 +22,12 @@ from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_c
 from batch_defs.ledger import Ledger, StopRequest
 from batch_defs.loader import LoadedBatch
 from batch_defs.progress import ProgressWindow
+from batch_defs.routing import build_router
 from batch_defs.secrets import mask, register_resources
+from batch_defs.settings import LiveSettings
 from batch_defs.sources import SourceError
-from batch_defs.spec import BatchSpec, PhaseSpec
-from batch_defs.states import RunState
+from batch_defs.spec import BatchSpec, OptionsSpec, PhaseSpec
+from batch_defs.states import RunState, StopKind
 from batch_defs.summary import summarize_run
 from batch_defs.tasks import (
     AFTER_TYPES,
@@ -40,6 +42,8 @@ from batch_defs.tasks import (
 from resources.storage import BatchStorageResource, RunOverridesResource
 
 RESOURCE_KEYS = {"batch_storage", "run_overrides"}
+# options.rollback_on names the stops that roll a run back.
+ROLLBACK_EVENTS = {StopKind.FAIL_FAST: "fail", StopKind.CANCELED: "cancel"}
 # What dg.define_asset_job returns (its class is not exported by dagster).
 BatchJob = Any
 PROGRESS_EVERY_S = 5.0
@@ -81,8 +85,12 @@ def run_lineage(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
 
 def batch_resource_keys(spec: BatchSpec) -> set[str]:
     """Every op of a batch asks for every resource its phases use: slots working ahead run
-    later phases' items from an earlier phase's step."""
-    return RESOURCE_KEYS | {key for phase in spec.phases for key in task_resources(phase.task)}
+    later phases' items from an earlier phase's step (route cases and undo tasks included:
+    a failing step may roll the run back)."""
+    tasks = {phase.task for phase in spec.phases}
+    tasks |= {task for phase in spec.phases for task, _ in phase.route_configs().values()}
+    tasks |= {phase.undo.task for phase in spec.phases if phase.undo}
+    return RESOURCE_KEYS | {key for task in tasks for key in task_resources(task)}
 
 
 class BatchStep:
@@ -163,12 +171,37 @@ class BatchStep:
 
         The step fails rather than skips, so re-execution from failure picks it up again; the
         run is tagged with its state, since Dagster has no 'paused' status of its own.
+        The run is rolled back first if options.rollback_on says so.
         """
         self.ledger.request_stop(self.run_id, stop)
         self.mark(stop.kind.run_state)
         self.publish_progress(force=True)
         where = "" if started else "not started: "
-        raise dg.Failure(f"{where}{stop.reason}", allow_retries=False)
+        # Even a step that did not start may end the run in a process whose slots worked
+        # ahead into its items; a rollback that finds everything undone already is a no-op.
+        rolled = self.roll_back(ROLLBACK_EVENTS.get(stop.kind))
+        raise dg.Failure(f"{where}{stop.reason}{rolled}", allow_retries=False)
+
+    def roll_back(self, event: str | None) -> str:
+        """Undo the run's effects if options.rollback_on names `event` ("fail", "cancel"),
+        once every item this process started is recorded; what it did, for the message."""
+        from batch_defs.rollback import RollbackPlan, rollback_run, undo_resource_keys
+
+        if event not in self.spec.options.rollback_on:
+            return ""
+        self.engine().quiesce()
+        self.context.log.info(f"options.rollback_on: {event}: rolling the run back")
+        report = rollback_run(RollbackPlan(
+            spec=self.spec, ledger=self.ledger, run_id=self.run_id, partition=self.partition,
+            base_dir=self.loaded.base_dir, output_dir=self.output_dir,
+            resources={key: getattr(self.context.resources, key)
+                       for key in undo_resource_keys(self.spec)}, log=self.context.log))
+        return f"; rolled back ({report.line()})"
+
+    def live_options(self) -> OptionsSpec:
+        """The options in force: the spec's, with live changes (batch-defs set) applied."""
+        _, settings = self.ledger.run_control(self.run_id)
+        return LiveSettings.from_values(settings.get("values", {})).options(self.spec.options)
 
     def publish_progress(self, force: bool = False) -> None:
         """Progress as run tags (the Dagster run list shows them) and a log line, throttled.
@@ -263,7 +296,11 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
 
 
 def phase_handler(loaded: LoadedBatch, phase: PhaseSpec) -> Handler:
-    """Built once per process and phase params (templates compiled, functions imported)."""
+    """Built once per process and phase params (templates compiled, functions imported); a
+    routed phase's handler picks one of its cases' for each item."""
+    if phase.route is not None:
+        return build_router(phase, lambda task, params: _cached_handler(
+            loaded, task, json.dumps(params, sort_keys=True)))
     return _cached_handler(loaded, phase.task, json.dumps(phase.params, sort_keys=True))
 
 
@@ -298,7 +335,7 @@ def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
         stopped = step.ledger.stop_request(step.run_id)
         if stopped:
             step.stop(stopped, started=False)
-        report = step.engine().run_chunk(index, chunk, step.check_in)
+        report = step.engine().run_chunk(index, chunk, step.check_in, context.log)
         context.log.info(f"{chunk.mapping_key}: {report.executed} run, {report.reused} "
                          f"reused, {report.failed} failed")
         if report.stop:
@@ -323,14 +360,15 @@ def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
             context.log.info(f"{copied} invalid source rows carried over from earlier runs")
         # Items the run has not finished in this process: failed items of earlier runs in
         # steps a re-execution did not re-run, and mapped steps it left out.
-        report = step.engine().finish(sorted(chunks, key=lambda ref: ref.index), step.check_in)
+        report = step.engine().finish(sorted(chunks, key=lambda ref: ref.index), step.check_in,
+                                      context.log)
         if report.executed:
             context.log.info(f"completed {report.executed} item-phases left unfinished")
         if report.stop:
             step.stop(report.stop)
         run = step.ledger.run(step.run_id)
         summary = summarize_run(step.ledger, step.run_id, run=run)
-        summary["tolerated_failures"] = step.spec.options.tolerated_count(summary["items"])
+        summary["tolerated_failures"] = step.live_options().tolerated_count(summary["items"])
         step.publish_progress(force=True)
         if summary["failed_items"] <= summary["tolerated_failures"]:
             # Not succeeded yet: after steps and the results asset may still fail or be
@@ -339,9 +377,11 @@ def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
             return summary
         step.ledger.finish_run(step.run_id, RunState.FAILED, summary)
         step.mark(RunState.FAILED)
+        rolled = step.roll_back("fail")
         raise dg.Failure(
             f"{summary['failed_items']} items failed or were invalid, more than the "
-            f"{summary['tolerated_failures']} tolerated; first: {first_failures(summary)}",
+            f"{summary['tolerated_failures']} tolerated; first: {first_failures(summary)}"
+            f"{rolled}",
             metadata={k: v for k, v in summary.items() if isinstance(v, int | float)},
             allow_retries=False,
         )
@@ -449,11 +489,14 @@ def build_batch(loaded: LoadedBatch) -> tuple[dg.AssetsDefinition, BatchJob]:
         group_name="batches",
         descriptions_by_output_name={"result": f"Results of batch {spec.name}, per launch."},
     )
+    # The queued run coordinator starts higher priorities first (`--priority` on submit
+    # overrides it per run).
+    priority = {"dagster/priority": str(spec.priority)} if spec.priority else {}
     job = dg.define_asset_job(
         name=spec.name,
         selection=dg.AssetSelection.assets(asset),
         description=spec.description or f"Batch {spec.name}",
-        tags={"batch/name": spec.name, **spec.tags},
+        tags={"batch/name": spec.name, **spec.tags, **priority},
         executor_def=build_executor(spec),
     )
     return asset, job

@@ -297,15 +297,19 @@ def execute(c: Any, launch: Any, as_json: bool) -> NoReturn:
 @main.command()
 @launch_options
 @click.option("--watch", is_flag=True, help="Show live progress until the run ends.")
+@click.option("--priority", type=int, default=None,
+              help="Run priority in the queue (higher starts first; default: the batch's "
+                   "`priority:`, else 0).")
 def submit(name: str, partition: str | None, data: str | None, sets: tuple[str, ...],
-           wait: bool, watch: bool) -> None:
+           wait: bool, watch: bool, priority: int | None) -> None:
     """Queue batch NAME through the run coordinator (the daemon launches it) and print the
     run id. Run limits in dagster.yaml (concurrency: runs:) apply."""
+    from batch_defs.client import with_priority
     from batch_defs.control import daemon_running
 
     with client() as c:
         launch = c.prepare(name, partition, data, sets, wait, announce_wait, "INFO")
-        run_id = c.submit(launch)
+        run_id = c.submit(with_priority(launch, priority))
         say(run_id)
         if not daemon_running(c.instance):
             say("warning: no dagster-daemon is running for this instance, so the run stays "
@@ -385,6 +389,43 @@ def cancel(run_id: str, grace: float) -> None:
     with client() as c:
         run = c.cancel(run_id, grace)
         say(f"canceled {run.run_id}")
+
+
+@main.command("set")
+@click.argument("run_id")
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+def set_live(run_id: str, assignments: tuple[str, ...]) -> None:
+    """Change a running batch without a restart: options.concurrency=20,
+    options.tolerated_failures=5%, phases.NAME.rate=5/s. The run applies it within about a
+    second and records it in its log."""
+    with client() as c:
+        now = c.set(run_id, list(assignments))
+    say("in force: " + ", ".join(f"{key}={value}" for key, value in now.items()))
+
+
+@main.command("rollback")
+@click.argument("run_id")
+@click.option("--concurrency", type=click.IntRange(1, 50), default=None,
+              help="Undos in flight at once (default: each phase's undo.concurrency, else "
+                   "options.concurrency).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was undone as JSON.")
+def rollback_run(run_id: str, concurrency: int | None, as_json: bool) -> None:
+    """Undo what an ended run did: each phase's `undo:` for every item whose phase succeeded,
+    last phase first, each effect once (running it again finishes what is left)."""
+    from dataclasses import asdict
+
+    with client() as c:
+        report = c.rollback(run_id, concurrency)
+    if as_json:
+        out.print_json(json.dumps({"run_id": report.run_id, "undone": report.undone,
+                                   "failed": report.failed, "no_undo": report.no_undo,
+                                   "phases": {k: asdict(v) for k, v in report.phases.items()}}))
+    else:
+        say(f"rollback of {report.run_id}: {report.line()}")
+        for phase in report.phases.values():
+            for error in phase.errors:
+                say(f"  failed: {error}", "red", console)
+    sys.exit(1 if report.failed else 0)
 
 
 RESULT_COLUMNS = ["item_key", "phase", "status", "attempts", "error", "duration_s", "cost",

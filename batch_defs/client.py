@@ -275,6 +275,18 @@ class BatchClient:
     def batch(self, name: str) -> LoadedBatch:
         return find_batch(name)
 
+    # Control of running batches: live changes and compensation
+
+    def set(self, run: str, assignments: Sequence[str]) -> dict[str, Any]:
+        """Change a running batch (e.g. ["options.concurrency=20", "phases.send.rate=5/s"]);
+        it applies them within about a second. Returns the changes now in force."""
+        return control.change_settings(self.instance, self.ledger, run, assignments)[1]
+
+    def rollback(self, run: str, concurrency: int | None = None) -> Any:
+        """Undo every effect of an ended run (its phases' `undo:`), each once; blocks.
+        Returns a batch_defs.rollback.RollbackReport."""
+        return control.rollback(self.instance, self.ledger, run, concurrency)
+
     # Launches (the API's jobs): create, start, list, delete
 
     def batches(self) -> list[BatchInfo]:
@@ -725,3 +737,11 @@ def run_progress(per_phase: dict[str, dict[str, int]], phases: list[str], total:
             "percent": round(100.0 * units / units_total, 2) if units_total else 100.0,
             "current_phase": current if state not in (LaunchState.SUCCEEDED,) else None,
             "eta_s": eta}
+
+
+def with_priority(launch: Launch, priority: int | None) -> Launch:
+    """The launch with Dagster's run priority (`dagster/priority`: the queue starts higher
+    priorities first), overriding the batch's `priority:`."""
+    if priority is None:
+        return launch
+    return replace(launch, tags={**launch.tags, "dagster/priority": str(priority)})

@@ -10,15 +10,21 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import psutil
 
 from batch_defs.ledger import LeaseHolder, Ledger, StopRequest
 from batch_defs.states import RunState, StopKind
+
+if TYPE_CHECKING:
+    from batch_defs.rollback import RollbackReport
+    from batch_defs.spec import BatchSpec
 
 HOST = socket.gethostname()
 # A holder on another host that has not beaten for this long is taken to be gone.
@@ -223,7 +229,24 @@ def cancel(instance: dg.DagsterInstance, ledger: Ledger, prefix: str, grace_s: f
         instance.report_run_canceled(run, "canceled with batch-defs cancel")
     ledger.set_status(run.run_id, RunState.CANCELED)
     instance.add_run_tags(run.run_id, {"batch/state": RunState.CANCELED.value})
-    return instance.get_run_by_id(run.run_id) or run
+    run = instance.get_run_by_id(run.run_id) or run
+    finish_rollback_on_cancel(instance, ledger, run)
+    return run
+
+
+def finish_rollback_on_cancel(instance: dg.DagsterInstance, ledger: Ledger,
+                              run: dg.DagsterRun) -> RollbackReport | None:
+    """With `options.rollback_on: cancel`, undo what the canceled run did: its own steps
+    start that when they see the cancel; this completes it if the grace period ended it."""
+    from batch_defs.loader import SpecError, find_batch
+
+    try:
+        declared = find_batch(run.job_name).spec.options.rollback_on
+    except SpecError:
+        return None
+    if "cancel" not in declared or ledger.run(run.run_id) is None:
+        return None
+    return rollback(instance, ledger, run.run_id)
 
 
 def _finished(instance: dg.DagsterInstance, run_id: str) -> bool:
@@ -274,3 +297,109 @@ def failure_message(instance: dg.DagsterInstance, run_id: str) -> str | None:
         if data.error:
             return data.error.message.strip().splitlines()[0]
     return None
+
+
+# Live changes and compensation (batch-defs set / rollback)
+
+def change_settings(instance: dg.DagsterInstance, ledger: Ledger, prefix: str,
+                    assignments: Sequence[str]) -> tuple[dg.DagsterRun, dict[str, Any]]:
+    """Change a running batch (options.concurrency, options.tolerated_failures,
+    phases.NAME.rate): stored for its engine, which applies them within about a second.
+    Returns the run and the changes now in force."""
+    from batch_defs.loader import SpecError, find_batch
+    from batch_defs.settings import SettingsError, parse_changes
+
+    run = active_run(instance, prefix)
+    try:
+        spec = find_batch(run.job_name).spec
+    except SpecError:
+        spec = None  # the batch file changed or went away: check the keys only
+    try:
+        values = parse_changes(assignments, spec)
+    except SettingsError as exc:
+        raise ControlError(str(exc)) from exc
+    try:
+        now = ledger.change_settings(run.run_id, values, by="batch-defs set")
+    except KeyError:
+        raise ControlError(f"run {run.run_id} has not started its items yet (it is "
+                           f"{run.status.value}); try again once it runs") from None
+    changes = ", ".join(f"{key}={value}" for key, value in values.items())
+    instance.report_engine_event(f"batch-defs set {changes}", run)
+    return run, now
+
+
+def rollback(instance: dg.DagsterInstance, ledger: Ledger, prefix: str,
+             concurrency: int | None = None, log: Any = None) -> RollbackReport:
+    """Run the `undo` of every item whose phase succeeded in an ended run, last phase first,
+    each effect once (batch_defs/rollback.py), in this process."""
+    from batch_defs.rollback import RollbackBusyError, RollbackPlan, rollback_run
+
+    run = resolve_run(instance, prefix)
+    if not run.is_finished:
+        raise ControlError(f"run {run.run_id} is {run.status.value}; cancel it first "
+                           f"(batch-defs cancel {run.run_id[:8]}), then roll it back")
+    spec, partition = rollback_spec(instance, ledger, run)
+    holder = live_holder(instance, ledger, spec.name, partition)
+    if holder is not None:
+        raise ControlError(f"run {holder.run_id} is working on partition {partition!r} now; "
+                           "roll back once it has ended")
+    with run_resources(instance, run, spec) as resources:
+        plan = RollbackPlan(spec=spec, ledger=ledger, run_id=run.run_id, partition=partition,
+                            base_dir=resources["base_dir"], output_dir=resources["output_dir"],
+                            resources=resources["resources"], concurrency=concurrency,
+                            wait=False, **({"log": log} if log is not None else {}))
+        try:
+            report = rollback_run(plan)
+        except RollbackBusyError as exc:
+            raise ControlError(str(exc)) from exc
+    instance.report_engine_event(f"batch-defs rollback: {report.line()}", run)
+    return report
+
+
+def rollback_spec(instance: dg.DagsterInstance, ledger: Ledger,
+                  run: dg.DagsterRun) -> tuple[BatchSpec, str]:
+    """The run's effective spec (its --data and --set) and partition, checked for undo."""
+    from batch_defs.loader import find_batch, with_overrides
+
+    partition = run.tags.get("dagster/partition")
+    if not partition or ledger.run(run.run_id) is None:
+        raise ControlError(f"run {run.run_id} ran no items: nothing to roll back")
+    overrides = run_overrides(run)
+    spec = with_overrides(find_batch(run.job_name).spec, overrides.get("data"),
+                          overrides.get("overrides", []))
+    if not any(phase.undo for phase in spec.phases):
+        raise ControlError(f"batch {spec.name!r} declares no `undo:` on any phase: nothing "
+                           "can be rolled back")
+    return spec, partition
+
+
+def run_resource_config(run: dg.DagsterRun) -> dict[str, Any]:
+    """The `resources:` section of the run's config."""
+    config: dict[str, Any] = dict(run.run_config or {})
+    return dict(config.get("resources") or {})
+
+
+def run_overrides(run: dg.DagsterRun) -> dict[str, Any]:
+    return dict(run_resource_config(run).get("run_overrides", {}).get("config", {}))
+
+
+@contextmanager
+def run_resources(instance: dg.DagsterInstance, run: dg.DagsterRun,
+                  spec: BatchSpec) -> Iterator[dict[str, Any]]:
+    """The undo tasks' Dagster resources as the run had them (its run config), the batch's
+    folder and its output folder, outside any run."""
+    from batch_defs.definitions import shared_resources
+    from batch_defs.loader import find_batch
+    from batch_defs.rollback import undo_resource_keys
+    from resources.storage import BatchStorageResource
+
+    shared = shared_resources()
+    keys = undo_resource_keys(spec)
+    configured = run_resource_config(run)
+    storage = BatchStorageResource(**configured.get("batch_storage", {}).get("config", {}))
+    with dg.build_resources({key: shared[key] for key in keys}, instance=instance,
+                            resource_config={k: v for k, v in configured.items()
+                                             if k in keys}) as built:
+        yield {"resources": {key: getattr(built, key) for key in keys},
+               "base_dir": find_batch(run.job_name).base_dir,
+               "output_dir": storage.output_root(instance, spec.name)}

@@ -24,9 +24,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from batch_defs.expressions import Expression, ExpressionError, item_variables
 from batch_defs.items import (
     ChunkRef,
     Item,
@@ -36,9 +40,12 @@ from batch_defs.items import (
     read_chunk,
 )
 from batch_defs.ledger import KnownOutcome, Ledger, LedgerWriteError, RunSnapshot, StopRequest
-from batch_defs.runner import ItemOutcome, ItemRunner, StepCrashError, describe
+from batch_defs.limits import Bucket, Gate, LimitStore, open_store
+from batch_defs.routing import Router
+from batch_defs.runner import ItemOutcome, ItemRunner, NotStarted, StepCrashError, describe
 from batch_defs.secrets import mask
-from batch_defs.spec import BatchSpec, BudgetSpec, PhaseSpec
+from batch_defs.settings import LiveSettings
+from batch_defs.spec import BatchSpec, BudgetSpec, PhaseSpec, rate_per_second
 from batch_defs.states import FAILURE_STATUSES, ItemStatus, SkipCause, StopKind
 from batch_defs.tasks import Handler, TaskContext
 
@@ -98,33 +105,70 @@ class RunPlan:
     resources: Mapping[str, Any] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: logging.getLogger("batch_defs"))
     ahead: bool = True  # work ahead of the steps (only where later steps run in this process)
+    # Where rate limits live; default: the ledger (Redis for celery: batch_defs/limits.py).
+    limit_store: LimitStore | None = None
 
 
 class PhaseWork:
-    """One phase's handler behind its retries and timeouts."""
+    """One phase's handler behind its condition, route, limits, retries and timeouts."""
 
-    def __init__(self, plan: RunPlan, index: int, handler: Handler):
+    def __init__(self, plan: RunPlan, index: int, handler: Handler, store: LimitStore,
+                 log: Any, rate: str | None = None):
         self.plan, self.index, self.handler = plan, index, handler
         self.spec: PhaseSpec = plan.spec.phases[index]
         # A handler that defers its writes to the chunk's end (sql `transaction: chunk`):
         # its outcomes become durable only after finish_chunk, so it never works ahead.
         self.finish_chunk: Callable[[list[str]], Mapping[str, str]] | None = getattr(
             handler, "finish_chunk", None)
-        self.runner = ItemRunner(self.call, self.spec.name, self.spec.retry, self.spec.timeout_s,
-                                 self.spec.merge_output, threading.Event())
+        self.when = Expression(self.spec.when) if self.spec.when else None
+        self.router = handler if isinstance(handler, Router) else None
+        self.gate = Gate(store, phase_buckets(plan, self.spec, rate), log)
+        stop = threading.Event()  # one for the phase: halt() ends every runner's waits
+        self.runner = self._runner(self.handler, stop)
+        self.branches = {branch: self._runner(case, stop, self.router.params[branch])
+                         for branch, case in self.router.handlers.items()} if self.router else {}
+
+    def _runner(self, handler: Callable[..., Any], stop: threading.Event,
+                params: Mapping[str, Any] | None = None) -> ItemRunner:
+        return ItemRunner(partial(self.call, handler, params or self.spec.params),
+                          self.spec.name, self.spec.retry, self.spec.timeout_s,
+                          self.spec.merge_output, stop, self.gate)
 
     @property
     def holds(self) -> bool:
         return self.finish_chunk is not None
 
-    def call(self, item: Item, attempt: int) -> Any:
+    def call(self, handler: Callable[..., Any], params: Mapping[str, Any], item: Item,
+             attempt: int) -> Any:
         plan = self.plan
-        ctx = TaskContext(params=self.spec.params, batch=plan.spec.name,
+        ctx = TaskContext(params=params, batch=plan.spec.name,
                           partition=plan.partition, run_id=plan.run_id, phase=self.spec.name,
                           key=item.key, attempt=attempt, base_dir=plan.base_dir,
                           output_dir=plan.output_dir, resources=plan.resources, log=plan.log,
                           journal=plan.ledger)
-        return self.handler(dict(item.data), ctx)
+        return handler(dict(item.data), ctx)
+
+    def run(self, item: Item) -> ItemOutcome:
+        """The item through `when:`, then its route's case (or the handler); NotStarted if the
+        batch stopped while it waited for a limit."""
+        variables = item_variables(item.data, item.key, self.plan.spec.name,
+                                   self.plan.partition, self.spec.name)
+        now = time.time()
+        try:
+            met = self.when is None or bool(self.when.evaluate(variables))
+        except ExpressionError as exc:
+            return ItemOutcome(item, ItemStatus.FAILED, 0, now, now, error=f"when: {exc}")
+        if not met:
+            return ItemOutcome(item, ItemStatus.SKIPPED, 0, now, now,
+                               error=f"condition not met: {self.spec.when}",
+                               skip_cause=SkipCause.CONDITION)
+        if self.router is None:
+            return self.runner.run(item)
+        try:
+            branch = self.router.branch(variables)
+        except ExpressionError as exc:
+            return ItemOutcome(item, ItemStatus.FAILED, 0, now, now, error=f"route.by: {exc}")
+        return replace(self.branches[branch].run(item), branch=branch)
 
     def row(self, outcome: ItemOutcome) -> dict[str, Any]:
         # The input of a failed or rejected item is its dead-letter payload: kept for fixing.
@@ -134,7 +178,8 @@ class PhaseWork:
                              attempt_log=outcome.attempt_log or None,
                              started_at=outcome.started_at, finished_at=outcome.finished_at,
                              duration_s=outcome.duration_s, cost=outcome.cost,
-                             tokens=outcome.tokens, skip_cause=outcome.skip_cause)
+                             tokens=outcome.tokens, skip_cause=outcome.skip_cause,
+                             branch=outcome.branch)
 
     def plan_row(self, item: Item, **values: Any) -> dict[str, Any]:
         return ledger_row(self.plan, self.spec.name, item, **values)
@@ -144,6 +189,38 @@ def ledger_row(plan: RunPlan, phase: str, item: Item, **values: Any) -> dict[str
     return {"batch": plan.spec.name, "partition": plan.partition, "run_id": plan.run_id,
             "phase": phase, "item_key": item.key, "seq": item.seq,
             "worker": f"{HOST}:{os.getpid()}", **values}  # which process ran it
+
+
+def phase_buckets(plan: RunPlan, phase: PhaseSpec, rate: str | None = None) -> list[Bucket]:
+    """The limits a phase's attempts wait for: its own `rate` (shared by the run's processes;
+    `rate` is a live change of it) and the batch-level limit it names."""
+    buckets = []
+    rate = rate or phase.rate
+    if rate:
+        buckets.append(phase_bucket(plan, phase.name, rate_per_second(rate)))
+    if phase.limit is not None:
+        declared = plan.spec.limits.get(phase.limit)
+        if declared is None:
+            raise ValueError(f"phase {phase.name!r}: no limit named {phase.limit!r} in the "
+                             f"batch's limits")
+        buckets.append(Bucket(phase.limit, f"limit {phase.limit}", declared.rate_per_s,
+                              declared.burst, declared.concurrency, declared.adaptive))
+    return buckets
+
+
+def phase_bucket(plan: RunPlan, phase: str, rate_per_s: float) -> Bucket:
+    return Bucket(f"run:{plan.run_id}:{phase}"[:128], f"phase {phase} rate", rate_per_s)
+
+
+class _StepLog:
+    """The log of whichever step waits on the engine now (slots outlive the step that made
+    the engine): back-offs of rate limits are logged where people look."""
+
+    def __init__(self, engine: RunEngine):
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine.log, name)
 
 
 class GroupCommitter:
@@ -211,11 +288,23 @@ class RunEngine:
     def __init__(self, plan: RunPlan, state: RunSnapshot | None = None):
         self.plan = plan
         self.spec = plan.spec
-        self.phases = [PhaseWork(plan, i, h) for i, h in enumerate(plan.handlers)]
+        self.store = plan.limit_store or open_store(plan.ledger, plan.spec.options.executor,
+                                                    plan.spec.options.celery.broker)
+        self.log: Any = plan.log  # the latest waiting step's: where slots' news go
+        # A process that joins a running batch starts with the changes made to it so far.
+        self.live = live_at_start(plan)
+        self.phases = [PhaseWork(plan, i, h, self.store, _StepLog(self),
+                                 self.live.rates.get(plan.spec.phases[i].name))
+                       for i, h in enumerate(plan.handlers)]
         state = state or RunSnapshot()
         self.failures = state.failed_items
         self.cost, self.tokens = state.spent_cost, state.spent_tokens
         self.tolerated = 0  # set from the first chunk: a share of the whole batch
+        self.tolerance_base = 0  # the items tolerated_failures is a share of
+        # Slots that may take work: options.concurrency, or its live change.
+        self.width = (plan.spec.options.slots if plan.spec.options.mode == "sequential"
+                      else self.live.concurrency or plan.spec.options.slots)
+        self.refused: dict[str, Any] | None = None  # live settings that did not validate
         self.cond = threading.Condition()
         self.known: dict[Key, Known] = {}
         self.inputs: dict[Key, Task] = {}  # input available, not queued (held or not ahead)
@@ -241,10 +330,8 @@ class RunEngine:
         self._heap: list[tuple[int, int, int, int, int, Key]] = []
         self._order = itertools.count()
         self.committer = GroupCommitter(plan.ledger)
-        self.slots = [threading.Thread(target=self._slot, name=f"batch-slot-{i}", daemon=True)
-                      for i in range(plan.spec.options.slots)]
-        for slot in self.slots:
-            slot.start()
+        self.slots: list[threading.Thread] = []
+        self._add_slots(self.width)
         over = budget_exceeded(self.spec.options.budget, self.cost, self.tokens)
         if over is not None:
             self.halt(over)
@@ -259,14 +346,16 @@ class RunEngine:
             self.cond.notify_all()
 
     def run_chunk(self, phase: int, ref: ChunkRef,
-                  on_check: Callable[[], None] | None = None) -> ChunkReport:
+                  on_check: Callable[[], None] | None = None, log: Any = None) -> ChunkReport:
         """Block until every item of the chunk that reaches `phase` has its outcome for it
-        (or the batch stopped); raises StepCrashError if one of its handlers crashed."""
-        return self.run_chunks(phase, [ref], on_check)
+        (or the batch stopped); raises StepCrashError if one of its handlers crashed. `log`:
+        the waiting step's, where live changes it sees are recorded."""
+        return self.run_chunks(phase, [ref], on_check, log)
 
     def run_chunks(self, phase: int, refs: Sequence[ChunkRef],
-                   on_check: Callable[[], None] | None = None) -> ChunkReport:
+                   on_check: Callable[[], None] | None = None, log: Any = None) -> ChunkReport:
         self.add_chunks(refs)
+        self.log = log or self.log
         for ref in refs:
             self._load(ref)
         chunks = [ref.index for ref in refs]
@@ -276,7 +365,7 @@ class RunEngine:
                 self._demand(phase, chunk)
             self.cond.notify_all()
         try:
-            self._wait(phase, chunks, on_check)
+            self._wait(phase, chunks, on_check, log)
             with self.cond:
                 report = self._report(phase, chunks)
                 if phase == len(self.phases) - 1 and report.stop is None:
@@ -287,7 +376,7 @@ class RunEngine:
                 self.demanded.difference_update((phase, c) for c in chunks)
 
     def finish(self, refs: Sequence[ChunkRef],
-               on_check: Callable[[], None] | None = None) -> ChunkReport:
+               on_check: Callable[[], None] | None = None, log: Any = None) -> ChunkReport:
         """Every item of the run through every phase: what this process has not completed
         (failed items of earlier runs, chunks of steps a re-execution left out)."""
         todo = [ref for ref in refs if ref.index not in self.done_chunks]
@@ -295,7 +384,7 @@ class RunEngine:
         for phase in range(len(self.phases)):
             if not todo:
                 break
-            report = self.run_chunks(phase, todo, on_check)
+            report = self.run_chunks(phase, todo, on_check, log)
             total.executed += report.executed
             total.reused += report.reused
             total.failed += report.failed
@@ -314,7 +403,14 @@ class RunEngine:
         if first:
             self.plan.ledger.request_stop(self.plan.run_id, stop)
             for phase in self.phases:
-                phase.runner.stop.set()  # ends retry backoffs early
+                phase.runner.stop.set()  # ends retry backoffs and waits for limits early
+
+    def quiesce(self) -> None:
+        """After a stop: wait until no item is in flight in this process (every outcome is
+        recorded), e.g. before undoing what the run did."""
+        with self.cond:
+            while self.running:
+                self.cond.wait(0.2)
 
     def close(self) -> None:
         """Stop taking work, let in-flight items finish and be recorded, end the threads."""
@@ -361,7 +457,9 @@ class RunEngine:
         depends = dependency_map(items, self.spec.options.depends_on_field)
         with self.cond:
             if not self.chunk_keys:
-                self.tolerated = self.spec.options.tolerated_count(ref.tolerance_base)
+                self.tolerance_base = ref.tolerance_base
+                self.tolerated = self.live.options(self.spec.options).tolerated_count(
+                    ref.tolerance_base)
             self.depends.update(depends)
             for key, deps in depends.items():
                 for dep in deps:
@@ -381,9 +479,10 @@ class RunEngine:
                             self.pending.setdefault((later, ref.index), set()).add(item.key)
                         self._offer(Task(phase.index, ref.index, Item(item.key, item.seq, data)))
                         break
-                    if outcome.other_run:
+                    if outcome.other_run:  # a success, or a `when:` skip, carried over
                         reused_rows.append(phase.plan_row(
-                            item, status=ItemStatus.SUCCEEDED, output=outcome.output,
+                            item, status=outcome.status, output=outcome.output,
+                            skip_cause=outcome.skip_cause, branch=outcome.branch,
                             reused_from=outcome.run_id))
                     known = Known(outcome.status, outcome.output, outcome.skip_cause,
                                   reused=outcome.other_run)
@@ -423,12 +522,12 @@ class RunEngine:
         heapq.heappush(self._heap, (rank, task.chunk, order, task.item.seq, next(self._order),
                                     key))
 
-    def _take(self) -> tuple[Task, str | None] | None:
+    def _take(self, slot: int) -> tuple[Task, str | None] | None:
         """The next task for a slot, with the reason to skip it if a dependency failed;
-        None once the engine closes."""
+        None once the engine closes. Slots beyond the width (a live lower concurrency) idle."""
         with self.cond:
             while not self.closing:
-                if self.stop is None and self.fatal is None:
+                if self.stop is None and self.fatal is None and slot < self.width:
                     taken = self._pop()
                     if taken is not None:
                         return taken
@@ -478,7 +577,7 @@ class RunEngine:
             known = self.known.get((task.phase, dep))
             if known is None and self._reaches(task.phase, dep):
                 return True, None
-            if known is None or known.status != ItemStatus.SUCCEEDED:
+            if known is None or not known.passes_on:  # a `when:` skip passes it on too
                 root = self.skip_roots.get((task.phase, dep), dep)
                 self.skip_roots[(task.phase, task.item.key)] = root
                 via = "" if root == dep else f" (through {dep!r})"
@@ -504,8 +603,15 @@ class RunEngine:
 
     # The slots' side
 
-    def _slot(self) -> None:
-        while (taken := self._take()) is not None:
+    def _add_slots(self, count: int) -> None:
+        while len(self.slots) < count:
+            slot = threading.Thread(target=self._slot, args=(len(self.slots),),
+                                    name=f"batch-slot-{len(self.slots)}", daemon=True)
+            self.slots.append(slot)
+            slot.start()
+
+    def _slot(self, index: int) -> None:
+        while (taken := self._take(index)) is not None:
             task, skip_reason = taken
             if skip_reason is not None:
                 now = time.time()
@@ -514,11 +620,21 @@ class RunEngine:
                                                skip_cause=SkipCause.DEPENDENCY))
                 continue
             try:
-                outcome = self.phases[task.phase].runner.run(task.item)
+                outcome = self.phases[task.phase].run(task.item)
+            except NotStarted:  # stopped while it waited for a limit: left for a resume
+                self._put_back(task)
+                continue
             except BaseException as exc:  # SystemExit, MemoryError...: the step fails
                 self._crashed(task, exc)
                 continue
             self._record(task, outcome)
+
+    def _put_back(self, task: Task) -> None:
+        with self.cond:
+            key = (task.phase, task.item.key)
+            self.running.discard(key)
+            self.inputs[key] = task
+            self.cond.notify_all()
 
     def _record(self, task: Task, outcome: ItemOutcome) -> None:
         """Judge, make durable, then let the item go on (never before it is durable)."""
@@ -599,7 +715,7 @@ class RunEngine:
                    for chunk in chunks for key in self.pending.get((phase, chunk), ()))
 
     def _wait(self, phase: int, chunks: Sequence[int],
-              on_check: Callable[[], None] | None) -> None:
+              on_check: Callable[[], None] | None, log: Any) -> None:
         last_check = time.monotonic()
         with self.cond:
             while True:
@@ -621,17 +737,70 @@ class RunEngine:
                     last_check = time.monotonic()
                     self.cond.release()
                     try:
-                        self._check(on_check)
+                        self._check(on_check, log)
                     finally:
                         self.cond.acquire()
 
-    def _check(self, on_check: Callable[[], None] | None) -> None:
+    def _check(self, on_check: Callable[[], None] | None, log: Any) -> None:
         if on_check is not None:
             on_check()  # progress, and the partition lease's heartbeat
-        # Another process (a pause, a cancel, a step elsewhere) may have stopped the batch.
-        stop = self.plan.ledger.stop_request(self.plan.run_id)
+        # Another process (a pause, a cancel, a step elsewhere) may have stopped the batch,
+        # or someone changed its settings (batch-defs set).
+        stop, settings = self.plan.ledger.run_control(self.plan.run_id)
         if stop is not None:
             self.halt(stop)
+        values = settings.get("values")
+        if not values:
+            return
+        try:
+            live = LiveSettings.from_values(values)
+        except ValidationError as exc:  # written around batch-defs set: keep what runs
+            if values != self.refused:
+                (log or self.plan.log).warning(f"live change ignored: {values}: {exc}")
+                self.refused = values
+            return
+        self.apply(live, log or self.plan.log)
+
+    # Live changes (batch-defs set): applied by whichever step sees them first, and logged
+
+    def apply(self, live: LiveSettings, log: Any) -> None:
+        """Bring the running batch to `live`; each change is logged once, where it is seen."""
+        old, self.live = self.live, live
+        if live.concurrency is not None and live.concurrency != (old.concurrency or self.width):
+            if self.spec.options.mode == "sequential":
+                log.warning("live change ignored: options.concurrency (a sequential batch "
+                            "runs one item at a time)")
+            else:
+                log.info(f"live change: options.concurrency {self.width} -> "
+                         f"{live.concurrency} (batch-defs set)")
+                with self.cond:
+                    self.width = live.concurrency
+                    self._add_slots(self.width)
+                    self.cond.notify_all()
+        if live.tolerated_failures is not None and live.tolerated_failures != \
+                old.tolerated_failures:
+            with self.cond:
+                before = self.tolerated
+                self.tolerated = live.options(self.spec.options).tolerated_count(
+                    self.tolerance_base)
+            log.info(f"live change: options.tolerated_failures {live.tolerated_failures!r} "
+                     f"({before} -> {self.tolerated} items) (batch-defs set)")
+        for name, rate in live.rates.items():
+            if old.rates.get(name) != rate:
+                self._change_rate(name, rate, old.rates.get(name), log)
+
+    def _change_rate(self, name: str, rate: str, before: str | None, log: Any) -> None:
+        work = next((p for p in self.phases if p.spec.name == name), None)
+        if work is None:
+            log.warning(f"live change ignored: phases.{name}.rate (no phase {name!r})")
+            return
+        bucket = phase_bucket(self.plan, name, rate_per_second(rate))
+        if any(b.name == bucket.name for b in work.gate.buckets):
+            work.gate.set_rate(bucket.name, rate_per_second(rate))
+        else:
+            work.gate.add(bucket)
+        log.info(f"live change: phases.{name}.rate {before or work.spec.rate or 'none'} -> "
+                 f"{rate} (batch-defs set)")
 
     def _settle_held(self, phase: int, chunk: int) -> None:
         """Let the handler complete the writes it deferred; items whose write failed become
@@ -682,6 +851,15 @@ class RunEngine:
             self.chunk_keys[chunk] = []  # loaded, and nothing left to do
             for phase in range(len(self.phases)):
                 self.pending.pop((phase, chunk), None)
+
+
+def live_at_start(plan: RunPlan) -> LiveSettings:
+    """The changes made to the run so far (none if they do not validate: see _check)."""
+    try:
+        return LiveSettings.from_values(
+            plan.ledger.run_control(plan.run_id)[1].get("values", {}))
+    except ValidationError:
+        return LiveSettings()
 
 
 def run_items(plan: RunPlan, items: Sequence[Item], folder: Path) -> ChunkReport:

@@ -6,6 +6,7 @@ stored outputs. Writes are batched by the caller (`record` takes many rows in on
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -171,6 +172,44 @@ class KnownOutcome:
     skip_cause: SkipCause | None
     run_id: str  # the run that executed it
     other_run: bool
+    branch: str | None = None  # the route case that ran it
+
+
+@dataclass(frozen=True)
+class LimitRow:
+    """A shared limit's bucket as stored: tokens (negative: calls already promised a later
+    start), the current rate (lowered by back-offs), and its JSON state (ceiling, holders,
+    back-off history)."""
+
+    name: str
+    tokens: float
+    rate_per_s: float
+    capacity: float
+    updated_at: float
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class UndoTarget:
+    """An item whose phase succeeded in a run, to be undone once: `executed_by` is the run
+    whose execution made the effect (the run itself, or the one it reused the success of)."""
+
+    item_key: str
+    seq: int
+    executed_by: str
+    output: Any
+
+
+UNDO_RUN_PREFIX = "undo-"  # undo rows: run_id = undo-<run that made the effect>
+UNDO_PHASE_SUFFIX = ":undo"  # phase = <phase>:undo
+
+
+def undo_run_id(executed_by: str) -> str:
+    return f"{UNDO_RUN_PREFIX}{executed_by}"
+
+
+def undo_phase(phase: str) -> str:
+    return f"{phase}{UNDO_PHASE_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -289,14 +328,18 @@ class Ledger:
         except sa.exc.SQLAlchemyError:
             return self._record_one_by_one(prepared)
 
-    def _upsert(self, rows: list[dict[str, Any]]) -> None:
+    @functools.cached_property
+    def _upsert_rows(self) -> Any:
+        """The item upsert, built once: building it costs more than a group commit's write."""
         stmt = self._insert(item_table)
-        stmt = stmt.on_conflict_do_update(
+        return stmt.on_conflict_do_update(
             index_elements=["run_id", "phase", "item_key"],
             set_={c: stmt.excluded[c] for c in _UPDATED_ON_CONFLICT},
         )
+
+    def _upsert(self, rows: list[dict[str, Any]]) -> None:
         with self.engine.begin() as conn:
-            conn.execute(stmt, rows)
+            conn.execute(self._upsert_rows, rows)
 
     def _record_one_by_one(self, rows: list[dict[str, Any]]) -> set[str]:
         degraded: set[str] = set()
@@ -322,20 +365,28 @@ class Ledger:
         """(phase index, key) -> what `run_id` can build on for these items: its own rows,
         else successes (and `when:` skips) of earlier runs of the partition."""
         t = item_table.c
+        undo = item_table.alias("undo")
         index = {phase: i for i, phase in enumerate(phases)}
-        reusable = sa.or_(t.status == ItemStatus.SUCCEEDED.value,
+        undone = sa.exists().where(
+            undo.c.run_id == sa.literal(UNDO_RUN_PREFIX) + sa.func.coalesce(t.reused_from,
+                                                                            t.run_id),
+            undo.c.phase == t.phase + sa.literal(UNDO_PHASE_SUFFIX),
+            undo.c.item_key == t.item_key, undo.c.status == ItemStatus.SUCCEEDED.value)
+        # A success whose effect a rollback undid is not reusable: the item runs again.
+        reusable = sa.or_(sa.and_(t.status == ItemStatus.SUCCEEDED.value, ~undone),
                           sa.and_(t.status == ItemStatus.SKIPPED.value,
                                   t.skip_cause == SkipCause.CONDITION.value))
         found: dict[tuple[int, str], KnownOutcome] = {}
         for start in range(0, len(keys), 900):
             query = (sa.select(t.phase, t.item_key, t.run_id, t.reused_from, t.status, t.output,
-                               t.skip_cause)
+                               t.skip_cause, t.branch)
                      .where(t.batch == batch, t.partition == partition,
                             t.phase.in_(list(phases)), t.item_key.in_(keys[start:start + 900]),
                             sa.or_(t.run_id == run_id, reusable))
                      .order_by(t.id))
             with self.engine.connect() as conn:
-                for phase, key, row_run, reused_from, status, output, cause in conn.execute(query):
+                for (phase, key, row_run, reused_from, status, output, cause,
+                     branch) in conn.execute(query):
                     slot = (index[phase], key)
                     own = row_run == run_id
                     if slot in found and not own and not found[slot].other_run:
@@ -343,7 +394,7 @@ class Ledger:
                     found[slot] = KnownOutcome(
                         ItemStatus(status), json.loads(output) if output else None,
                         SkipCause(cause) if cause else None,
-                        row_run if own else (reused_from or row_run), not own)
+                        row_run if own else (reused_from or row_run), not own, branch)
         return found
 
     def run(self, run_id: str) -> dict[str, Any] | None:
@@ -639,6 +690,170 @@ class Ledger:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(item_table)
                                     .where(item_table.c.run_id == run_id)).scalar() or 0)
+
+    # Live changes to a running batch (batch-defs set), read by its engine every second.
+
+    def run_control(self, run_id: str) -> tuple[StopRequest | None, dict[str, Any]]:
+        """The run's stop request and its live settings, in one query."""
+        r = run_table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(r.stop_kind, r.stop_reason, r.settings)
+                               .where(r.run_id == run_id)).first()
+        if row is None:
+            return None, {}
+        stop = StopRequest(StopKind(row[0]), row[1] or row[0]) if row[0] else None
+        return stop, json.loads(row[2]) if row[2] else {}
+
+    def change_settings(self, run_id: str, values: Mapping[str, Any], by: str) -> dict[str, Any]:
+        """Merge `values` into the run's live settings (compare-and-swap, so two changes at
+        once both land); returns the settings now in force. KeyError if there is no run."""
+        r = run_table.c
+        for _ in range(100):
+            with self.engine.connect() as conn:
+                row = conn.execute(sa.select(r.settings).where(r.run_id == run_id)).first()
+            if row is None:
+                raise KeyError(run_id)
+            settings = json.loads(row[0]) if row[0] else {}
+            now = dict(settings.get("values", {}), **values)
+            history = [*settings.get("history", []),
+                       {"at": time.time(), "by": by, "values": dict(values)}][-50:]
+            new = to_json({"values": now, "history": history})
+            same = r.settings.is_(None) if row[0] is None else r.settings == row[0]
+            with self.engine.begin() as conn:
+                if conn.execute(run_table.update().where(r.run_id == run_id, same)
+                                .values(settings=new)).rowcount:
+                    return now
+        raise LedgerWriteError(f"could not change the settings of run {run_id}: too busy")
+
+    # Shared rate limits: token buckets every process and run sees (batch_defs/limits.py).
+
+    def _db_now(self) -> Any:
+        """The database's clock, so that processes on hosts whose clocks differ agree."""
+        if self.engine.dialect.name == "postgresql":
+            return sa.func.extract("epoch", sa.func.clock_timestamp())
+        return (sa.func.julianday("now") - 2440587.5) * 86400.0
+
+    def prepare_limit(self, name: str, rate_per_s: float, capacity: float,
+                      state: Mapping[str, Any]) -> None:
+        """Create the bucket, full, unless it exists; its capacity is the latest declared."""
+        stmt = self._insert(limit_table).values(
+            name=name, tokens=capacity, rate_per_s=rate_per_s, capacity=capacity,
+            updated_at=self._db_now(), state=to_json(dict(state)))
+        stmt = stmt.on_conflict_do_update(index_elements=["name"],
+                                          set_={"capacity": stmt.excluded.capacity})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def limit(self, name: str) -> LimitRow | None:
+        found = self._limit_row(name)
+        return found[0] if found else None
+
+    def _limit_row(self, name: str) -> tuple[LimitRow, str | None] | None:
+        """The row, and its state as stored (the compare-and-swap's expected value)."""
+        t = limit_table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.name, t.tokens, t.rate_per_s, t.capacity,
+                                         t.updated_at, t.state).where(t.name == name)).first()
+        if row is None:
+            return None
+        return LimitRow(row[0], row[1], row[2], row[3], row[4],
+                        json.loads(row[5]) if row[5] else {}), row[5]
+
+    def reserve_token(self, name: str) -> tuple[float, float]:
+        """Take one token in one atomic UPDATE: (tokens left, rate). Negative tokens mean the
+        call was promised the start -tokens/rate seconds from now."""
+        t = limit_table.c
+        now = self._db_now()
+        later = now > t.updated_at
+        refill = t.tokens + sa.case((later, now - t.updated_at), else_=0.0) * t.rate_per_s
+        stmt = (limit_table.update().where(t.name == name)
+                .values(tokens=sa.case((refill > t.capacity, t.capacity), else_=refill) - 1.0,
+                        updated_at=sa.case((later, now), else_=t.updated_at))
+                .returning(t.tokens, t.rate_per_s))
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise KeyError(name)
+        return float(row[0]), float(row[1])
+
+    def recover_limit(self, name: str, increase: float, ceiling: float) -> float | None:
+        """Raise a backed-off rate by `increase`, never above `ceiling`; the rate now (None
+        when it was at the ceiling already)."""
+        t = limit_table.c
+        raised = t.rate_per_s + increase
+        stmt = (limit_table.update().where(t.name == name, t.rate_per_s < ceiling)
+                .values(rate_per_s=sa.case((raised > ceiling, ceiling), else_=raised))
+                .returning(t.rate_per_s))
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        return float(row[0]) if row else None
+
+    def adapt_limit(self, name: str,
+                    change: Callable[[LimitRow], tuple[float, dict[str, Any]] | None]
+                    ) -> LimitRow | None:
+        """Apply `change` (row -> new rate and state, or None for no change) by compare-and-
+        swap on the stored state; the row as it is afterwards (None: no such limit)."""
+        t = limit_table.c
+        for _ in range(500):
+            found = self._limit_row(name)
+            if found is None:
+                return None
+            row, stored = found
+            wanted = change(row)
+            if wanted is None:
+                return row
+            rate, state = wanted
+            same = t.state.is_(None) if stored is None else t.state == stored
+            with self.engine.begin() as conn:
+                done = conn.execute(limit_table.update().where(t.name == name, same)
+                                    .values(rate_per_s=rate, state=to_json(state))).rowcount
+            if done:
+                return LimitRow(name, row.tokens, rate, row.capacity, row.updated_at, state)
+        raise LedgerWriteError(f"could not update limit {name!r}: too busy")
+
+    def forget_limits(self, prefix: str, idle_s: float) -> None:
+        """Delete buckets named `prefix...` unused for `idle_s` (a finished run's own)."""
+        t = limit_table.c
+        with self.engine.begin() as conn:
+            conn.execute(limit_table.delete().where(t.name.startswith(prefix),
+                                                    t.updated_at < time.time() - idle_s))
+
+    # Compensation (batch-defs rollback): what to undo, and what was undone.
+
+    def undo_targets(self, run_id: str, phase: str) -> list[UndoTarget]:
+        """Items whose `phase` succeeded in the run and whose effect is not undone yet, last
+        first."""
+        t, undo = item_table.c, item_table.alias("undo")
+        executed_by = sa.func.coalesce(t.reused_from, t.run_id)
+        undone = sa.exists().where(
+            undo.c.run_id == sa.literal(UNDO_RUN_PREFIX) + executed_by,
+            undo.c.phase == undo_phase(phase), undo.c.item_key == t.item_key,
+            undo.c.status == ItemStatus.SUCCEEDED.value)
+        query = (sa.select(t.item_key, t.seq, executed_by, t.output)
+                 .where(t.run_id == run_id, t.phase == phase,
+                        t.status == ItemStatus.SUCCEEDED.value, ~undone)
+                 .order_by(t.seq.desc(), t.id.desc()))
+        with self.engine.connect() as conn:
+            return [UndoTarget(key, seq, by, json.loads(output) if output else None)
+                    for key, seq, by, output in conn.execute(query)]
+
+    def undo_counts(self, run_id: str, phases: Sequence[str]) -> dict[str, dict[str, int]]:
+        """phase -> undo status -> items, over the effects the run made or reused."""
+        t, undo = item_table.c, item_table.alias("undo")
+        executed_by = sa.func.coalesce(t.reused_from, t.run_id)
+        query = (sa.select(t.phase, undo.c.status, sa.func.count())
+                 .select_from(item_table.join(undo, sa.and_(
+                     undo.c.run_id == sa.literal(UNDO_RUN_PREFIX) + executed_by,
+                     undo.c.phase == t.phase + sa.literal(UNDO_PHASE_SUFFIX),
+                     undo.c.item_key == t.item_key)))
+                 .where(t.run_id == run_id, t.phase.in_(list(phases)),
+                        t.status == ItemStatus.SUCCEEDED.value)
+                 .group_by(t.phase, undo.c.status))
+        counts: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for phase, status, n in conn.execute(query):
+                counts.setdefault(phase, {})[status] = int(n)
+        return counts
 
 
 def _final_status(phases: Sequence[str]) -> Any:

@@ -34,6 +34,7 @@ class ItemOutcome:
     tokens: int = 0
     attempt_log: list[dict[str, Any]] = field(default_factory=list)
     skip_cause: SkipCause | None = None
+    branch: str | None = None  # the route case that ran it
 
     @property
     def duration_s(self) -> float:
@@ -105,24 +106,53 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class NotStarted(Exception):  # noqa: N818 - an outcome, not an error
+    """The batch stopped while the item waited for its rate limit: it did not start, and is
+    left for a resume (nothing is recorded)."""
+
+
 class ItemRunner:
-    """Runs one item with retries and a per-attempt timeout; thread-safe."""
+    """Runs one item with retries and a per-attempt timeout; thread-safe.
+
+    With a `gate` (batch_defs/limits.py), each attempt first waits for its rate limits and
+    concurrency limits, outside the attempt's timeout, and reports how it went (a 429 makes
+    adaptive limits back off)."""
 
     def __init__(self, call: Call, phase: str, retry: RetrySpec, timeout_s: float | None,
-                 merge: bool, stop: threading.Event):
+                 merge: bool, stop: threading.Event, gate: Any = None):
         self.call, self.phase, self.retry = call, phase, retry
         self.timeout_s, self.merge, self.stop = timeout_s, merge, stop
+        self.gate = gate
         self.wait = backoff_wait(retry)
         self._retrying = tenacity.Retrying(wait=self.wait)
 
+    def _attempt(self, item: Item, attempt: int, permit: Any) -> Any:
+        try:
+            result = call_with_timeout(partial(self.call, item, attempt), self.timeout_s)
+        except BaseException as exc:
+            if permit is not None:
+                permit.release(exc)
+            raise
+        if permit is not None:
+            permit.release(None)
+        return result
+
     def run(self, item: Item) -> ItemOutcome:
-        started = time.time()
+        """The item's outcome; NotStarted if a stop came before its first attempt began."""
+        started = 0.0  # when the first attempt began, past any wait for a limit
         log: list[dict[str, Any]] = []
         attempt = 0
         while True:
             attempt += 1
+            permit = self.gate.acquire(self.stop) if self.gate is not None else None
+            if self.gate is not None and permit is None:  # a stop came while it waited
+                if attempt == 1:
+                    raise NotStarted()
+                return ItemOutcome(item, ItemStatus.FAILED, attempt - 1, started, time.time(),
+                                   error=log[-1]["error"], attempt_log=log)
+            started = started or time.time()
             try:
-                result = call_with_timeout(partial(self.call, item, attempt), self.timeout_s)
+                result = self._attempt(item, attempt, permit)
                 output, cost, tokens = to_output(item, result, self.phase, self.merge)
                 return ItemOutcome(item, ItemStatus.SUCCEEDED, attempt, started, time.time(),
                                    output=output, cost=cost, tokens=tokens, attempt_log=log)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 RESERVED_NODE_NAMES = ("fan_out", "collect", "results")
@@ -116,6 +123,76 @@ class RetrySpec(StrictModel):
 OnError = Literal["fail_fast", "continue"]
 
 
+RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
+              "hour": 3600.0}
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*")
+
+
+def rate_per_second(text: str) -> float:
+    """`10/s`, `600/min`, `2/h` as calls per second; ValueError for anything else."""
+    match = _RATE.fullmatch(str(text))
+    if not match or match.group(2) not in RATE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a rate: write calls per second or minute, e.g. "
+                         "10/s or 600/min (more than 0)")
+    return float(match.group(1)) / RATE_UNITS[match.group(2)]
+
+
+def _rate(value: str) -> str:
+    rate_per_second(value)
+    return value
+
+
+Rate = Annotated[str, AfterValidator(_rate)]
+
+
+class RouteCaseSpec(StrictModel):
+    """One branch of a route: a task configuration. Without `task` it is the phase's task,
+    and its params are merged over the phase's; with another task, its params alone."""
+
+    task: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RouteSpec(StrictModel):
+    """Each item runs one case, chosen by the value of `by`; the case is recorded per item."""
+
+    by: str  # an expression (`country`) or a template (`{{ country }}-{{ tier }}`)
+    cases: dict[str, RouteCaseSpec] = Field(min_length=1)
+    default: RouteCaseSpec | None = None  # none: the phase's own task and params
+
+    @field_validator("by")
+    @classmethod
+    def _by(cls, value: str) -> str:
+        from batch_defs.expressions import check_expression
+
+        return check_expression(value, templates=True)
+
+    @field_validator("cases")
+    @classmethod
+    def _not_default(cls, cases: dict[str, RouteCaseSpec]) -> dict[str, RouteCaseSpec]:
+        if "default" in cases:
+            raise ValueError("`default` is not a case: give it as route.default")
+        return cases
+
+    @field_validator("cases", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: Any) -> Any:
+        # YAML reads `1:` or `true:` as a number or boolean; a case matches the value's text.
+        return {str(k).lower() if isinstance(k, bool) else str(k): v
+                for k, v in value.items()} if isinstance(value, dict) else value
+
+
+class UndoSpec(StrictModel):
+    """The task that reverses a phase's effect for one item (`batch-defs rollback`); it gets
+    the item as the phase put it out (with, say, the id of the record it created)."""
+
+    task: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    retry: RetrySpec = Field(default_factory=lambda: RetrySpec(max_attempts=3))
+    timeout_s: float | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, ge=1, le=50)  # default: options.concurrency
+
+
 class PhaseSpec(StrictModel):
     name: Name
     task: str
@@ -126,6 +203,34 @@ class PhaseSpec(StrictModel):
     pool: str | None = None
     # A dict returned by the handler is merged over the incoming item; false passes it alone.
     merge_output: bool = True
+    # An expression over the item; items that do not meet it are skipped (cause `condition`)
+    # and go on to the next phase unchanged.
+    when: str | None = None
+    route: RouteSpec | None = None
+    rate: Rate | None = None  # e.g. 10/s: this phase's calls (attempts), across the run
+    limit: str | None = None  # a name in the batch's `limits`, shared by phases and runs
+    undo: UndoSpec | None = None
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, value: str | None) -> str | None:
+        from batch_defs.expressions import check_expression
+
+        return value if value is None else check_expression(value)
+
+    @property
+    def rate_per_s(self) -> float | None:
+        return rate_per_second(self.rate) if self.rate else None
+
+    def route_configs(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Branch name -> (task, params) of each route case, and of `default`."""
+        if self.route is None:
+            return {}
+        cases = {**self.route.cases, "default": self.route.default or RouteCaseSpec()}
+        return {name: (case.task or self.task,
+                       case.params if case.task not in (None, self.task)
+                       else {**self.params, **case.params})
+                for name, case in cases.items()}
 
 
 class BudgetSpec(StrictModel):
@@ -157,6 +262,13 @@ class OptionsSpec(StrictModel):
     # Item field listing the keys of items that must succeed first (a list, or text separated
     # by commas); items then run in dependency order in one chunk. null: no dependencies.
     depends_on_field: str | None = "depends_on"
+    # Run the phases' `undo` of every item that succeeded when the run fails / is canceled.
+    rollback_on: list[Literal["fail", "cancel"]] = Field(default_factory=list)
+
+    @field_validator("rollback_on", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("tolerated_failures")
     @classmethod
@@ -187,6 +299,26 @@ class OptionsSpec(StrictModel):
         if isinstance(self.tolerated_failures, int):
             return self.tolerated_failures
         return int(total * float(self.tolerated_failures.rstrip("%")) / 100)
+
+
+class LimitSpec(StrictModel):
+    """A limit shared by every phase, run and process that names it (`limit: NAME`)."""
+
+    rate: Rate | None = None  # e.g. 14/s
+    concurrency: int | None = Field(default=None, ge=1, le=1000)  # calls in flight at once
+    burst: int = Field(default=1, ge=1, le=1000)  # calls that may start at once after a lull
+    # Back off on HTTP 429 or a RateLimited error, and recover (AIMD).
+    adaptive: bool = True
+
+    @model_validator(mode="after")
+    def _something(self) -> LimitSpec:
+        if self.rate is None and self.concurrency is None:
+            raise ValueError("give a rate (e.g. 10/s), a concurrency, or both")
+        return self
+
+    @property
+    def rate_per_s(self) -> float | None:
+        return rate_per_second(self.rate) if self.rate else None
 
 
 class AfterStepSpec(StrictModel):
@@ -231,6 +363,9 @@ class BatchSpec(StrictModel):
     schedule: str | None = None  # cron, e.g. "0 6 * * 1-5"; partition key = scheduled time
     schedule_timezone: str = "UTC"
     notify: NotifySpec | None = None
+    limits: dict[Name, LimitSpec] = Field(default_factory=dict)
+    # Dagster's run priority (the `dagster/priority` tag): the queue starts higher first.
+    priority: int = Field(default=0, ge=-1000, le=1000)
 
     @field_validator("schedule")
     @classmethod

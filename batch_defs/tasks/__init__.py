@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from batch_defs.spec import BatchSpec
+from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.tasks import (
     email,
     embed,
@@ -88,13 +88,15 @@ def build_after_handler(task: str, params: dict, base_dir: Path) -> AfterHandler
 
 
 def _check(registry: dict, task: str, params: dict, base_dir: Path, loc: Loc,
-           checks: TaskChecks) -> None:
+           checks: TaskChecks) -> object | None:
+    """The handler the task and params make, or None with the problem recorded."""
     if task not in registry:
         known = ", ".join(sorted(registry))
         checks.problems.append(([*loc, "task"], f"unknown task type {task!r} (known: {known})"))
-        return
+        return None
     try:
-        registry[task].make_handler(registry[task].params.model_validate(params), base_dir)
+        return registry[task].make_handler(registry[task].params.model_validate(params),
+                                           base_dir)
     except ValidationError as exc:
         checks.problems += [([*loc, "params", *e["loc"]], e["msg"].removeprefix("Value error, "))
                             for e in exc.errors()]
@@ -102,13 +104,41 @@ def _check(registry: dict, task: str, params: dict, base_dir: Path, loc: Loc,
         checks.notices.append(([*loc, "task"], str(exc)))
     except (ValueError, OSError) as exc:
         checks.problems.append(([*loc, "params"], str(exc)))
+    return None
+
+
+def _case_loc(phase: PhaseSpec, branch: str, loc: Loc) -> Loc:
+    route = phase.route
+    if route is not None and branch in route.cases:
+        return [*loc, "route", "cases", branch]
+    return [*loc, "route", "default"] if route is not None and route.default else loc
+
+
+def _check_control(spec: BatchSpec, index: int, base_dir: Path, checks: TaskChecks) -> None:
+    """A phase's route cases, undo task and shared limit (batch_defs/engine.py runs them)."""
+    phase = spec.phases[index]
+    loc: Loc = ["phases", index]
+    for branch, (task, params) in phase.route_configs().items():
+        where = _case_loc(phase, branch, loc)
+        handler = _check(TASK_TYPES, task, params, base_dir, where, checks)
+        if getattr(handler, "finish_chunk", None) is not None:
+            checks.problems.append((where, "a route case cannot defer its writes to the "
+                                           "chunk's end (sql transaction: chunk)"))
+    if phase.undo is not None:
+        _check(TASK_TYPES, phase.undo.task, phase.undo.params, base_dir, [*loc, "undo"], checks)
+    if phase.limit is not None and phase.limit not in spec.limits:
+        known = ", ".join(sorted(spec.limits)) or "none declared"
+        checks.problems.append(([*loc, "limit"], f"no limit named {phase.limit!r} in the "
+                                                 f"batch's limits ({known})"))
 
 
 def check_spec_tasks(spec: BatchSpec, base_dir: Path) -> TaskChecks:
     """Each phase's and after-step's task type and params, and the executor's extra."""
     checks = TaskChecks()
     for i, phase in enumerate(spec.phases):
-        _check(TASK_TYPES, phase.task, phase.params, base_dir, ["phases", i], checks)
+        if phase.route is None:  # a routed phase runs its cases (its params are their base)
+            _check(TASK_TYPES, phase.task, phase.params, base_dir, ["phases", i], checks)
+        _check_control(spec, i, base_dir, checks)
     for i, step in enumerate(spec.after):
         _check(AFTER_TYPES, step.task, step.params, base_dir, ["after", i], checks)
     if spec.options.executor == "celery" and not installed("dagster_celery"):
