@@ -6,6 +6,7 @@ Nothing is built at import time: Dagster calls `defs` when it loads the code loc
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +18,10 @@ from batch_defs.loader import BrokenBatch, LoadedBatch, find_batch, load_catalog
 log = logging.getLogger("batch_defs")
 
 
+@functools.cache
 def shared_resources() -> dict[str, object]:
+    """The resources every batch uses: one set of definitions per process (Dagster merges
+    definitions only with the very same resource objects); each opens its clients per run."""
     from resources import (
         BatchStorageResource,
         DatabaseResource,
@@ -50,7 +54,8 @@ def batch_definitions(loaded: LoadedBatch) -> dg.Definitions:
     asset, job = build_batch(loaded)
     sensors = [build_inbox_sensor(loaded, job)] if loaded.spec.sensor else []
     schedules = [build_schedule(loaded, job)] if loaded.spec.schedule else []
-    return dg.Definitions(assets=[asset], jobs=[job], sensors=sensors, schedules=schedules)
+    return dg.Definitions(assets=[asset], jobs=[job], sensors=sensors, schedules=schedules,
+                          resources=shared_resources())
 
 
 def broken_batch_definitions(broken: BrokenBatch) -> dg.Definitions:
@@ -108,8 +113,6 @@ def defs() -> dg.Definitions:
 def get_job(name: str) -> dg.JobDefinition:
     """Entry point for reconstructable jobs (batch-defs run, the multiprocess executor):
     only the batch that runs is loaded."""
-    loaded = find_batch(name)
     return dg.Definitions.merge(
-        batch_definitions(loaded),
-        dg.Definitions(resources=shared_resources(), executor=dg.in_process_executor),
+        batch_definitions(find_batch(name)), dg.Definitions(executor=dg.in_process_executor),
     ).resolve_job_def(name)
