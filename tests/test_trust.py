@@ -281,3 +281,20 @@ def test_five_runs_on_a_fresh_home_at_once(env: dict[str, str], batch_dir: Path)
     # And the instance stays usable.
     again = cli(env, "run", "fresh0", "--partition", "again")
     assert again.returncode == 0, again.stderr
+
+
+def test_messages_print_literally(env: dict[str, str], batch_dir: Path) -> None:
+    """Console markup never eats a message's brackets (a pattern printed as `'^*$'`)."""
+    (batch_dir / "Bad.yaml").write_text(
+        "name: Bad\nsource: {type: inline, items: [{id: 1}]}\n"
+        "phases: [{name: w, task: python, params: {function: 'tests.handlers:sleep_ms'}}]\n")
+    validated = cli(env, "validate", str(batch_dir / "Bad.yaml"))
+    assert validated.returncode == 1
+    assert "Bad.yaml:1 name: String should match pattern '^[a-z][a-z0-9_]*$'" in \
+        validated.stderr
+    write_batch(batch_dir, {"name": "good", "source": inline_items(1),
+                            "phases": [{"name": "w", "task": "python",
+                                        "params": {"function": "tests.handlers:sleep_ms"}}]})
+    refused = cli(env, "run", "good", "--set", "notify.on=[sometimes]")
+    assert refused.returncode == 2
+    assert "--set notify.on=[sometimes]" in refused.stderr and "[/" not in refused.stderr
