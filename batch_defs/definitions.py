@@ -98,11 +98,22 @@ def build_definitions(paths: Iterable[Path] | None = None) -> dg.Definitions:
     sensors = build_run_end_sensors(catalog.batches, jobs) if jobs else []
     return dg.Definitions.merge(
         *parts,
+        component_type_docs(),
         dg.Definitions(sensors=sensors, resources=shared_resources(),
                        # `dagster asset materialize` and the UI's asset page launch the
                        # implicit asset job: in process, as the batches' own jobs default.
                        executor=dg.in_process_executor),
     )
+
+
+def component_type_docs() -> dg.Definitions:
+    """The metadata through which the Dagster UI documents the project's component types
+    (the Batch component and its every field), which `dg.load_from_defs_folder` would add:
+    batches are loaded one by one here instead, so that one broken file cannot fail them all.
+    """
+    from dagster.components.core.load_defs import get_library_json_enriched_defs
+
+    return get_library_json_enriched_defs(None)
 
 
 @dg.definitions

@@ -108,6 +108,12 @@ def test_queued_doors_end_success_as_runs_of_the_batch(
              "--tags", json.dumps({"dagster/partition": "from-job-launch"})],
             env=env, cwd=PROJECT, capture_output=True, text=True, timeout=180)
         assert launched.returncode == 0, launched.stderr[-2000:]
+        # The UI's docs of the Batch component type describe its fields.
+        answer = httpx.post(f"{url}/graphql", json={"query": COMPONENT_TYPES}, timeout=60).json()
+        (batch_type,) = [t for t in answer["data"]["componentTypesForLocationOrError"]
+                         ["componentTypes"] if t["name"] == "batch_defs.components.Batch"]
+        described = batch_type["schema"]["$defs"]["OptionsSpec"]["properties"]
+        assert described["tolerated_failures"]["description"].startswith("Failed, invalid")
         page_runs = [launch_from_asset_page(url, partition) for partition in PAGE_PARTITIONS]
         runs = [wait_until_finished(home, run_id) for run_id in (JOB_LAUNCH_RUN, *page_runs)]
     for run, partition in zip(runs, ("from-job-launch", *PAGE_PARTITIONS), strict=True):
@@ -126,6 +132,9 @@ def test_queued_doors_end_success_as_runs_of_the_batch(
 
 
 PAGE_PARTITIONS = ("from-asset-page-1", "from-asset-page-2")
+COMPONENT_TYPES = """query {
+  componentTypesForLocationOrError(locationName: "batch_defs.definitions") {
+    ... on ComponentTypes { componentTypes { name schema } } } }"""
 
 
 def launch_from_asset_page(url: str, partition: str) -> str:
