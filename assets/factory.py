@@ -235,6 +235,14 @@ def join_batch(context: dg.OpExecutionContext, spec: BatchSpec) -> None:
     or asset page, dagster job launch, dagster asset materialize, dg launch, our CLI, a
     sensor or a schedule): its partition added if missing, before any item runs, and the
     batch's tags, so that `batch-defs list` and the run limits see it."""
+    if context.job_name != spec.name and spec.options.executor != "in_process":
+        # The implicit asset job (the UI's asset page, `dagster asset materialize`) runs on
+        # the code location's executor, in process: never silently instead of the batch's.
+        raise dg.Failure(
+            f"batch {spec.name} runs on the {spec.options.executor} executor, which a run of "
+            f"{context.job_name} does not use: launch the job {spec.name} instead (its page "
+            f"in the UI, `dagster job launch -j {spec.name}`, `batch-defs submit "
+            f"{spec.name}`)", allow_retries=False)
     partition = context.partition_key
     if not context.instance.has_dynamic_partition(spec.name, partition):
         context.instance.add_dynamic_partitions(spec.name, [partition])

@@ -100,6 +100,18 @@ def test_asset_materialize_and_dg_launch_of_new_partitions(env: dict[str, str],
     assert_batch_run(env, job_run, "from-dg-job")
     assert_batch_run(env, assets_run, "from-dg-assets")
 
+    # A batch on another executor never runs in process instead: the door says which to use.
+    write_batch(batch_dir, {"name": "spread", "source": inline_items(2),
+                            "phases": [{"name": "work", "task": "python",
+                                        "params": {"function": "tests.handlers:sleep_ms"}}],
+                            "options": {"executor": "multiprocess"}})
+    refused = run_tool(env, *DAGSTER, "asset", "materialize", "-m", "batch_defs.definitions",
+                       "--select", "spread/results", "--partition", "p")
+    assert refused.returncode != 0
+    assert ("batch spread runs on the multiprocess executor, which a run of __ASSET_JOB does "
+            "not use: launch the job spread instead") in refused.stdout + refused.stderr
+    assert ledger_statuses(env, runs(env)[-1].run_id) == []  # before any item ran
+
 
 BROKEN_YAML = """\
 name: broken
