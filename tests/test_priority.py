@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,11 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
-import psutil
 import pytest
 import yaml
 
-from tests.conftest import PROJECT, fresh_pg_database, write_batch
+from tests.conftest import (
+    PROJECT,
+    fresh_pg_database,
+    queued_instance_config,
+    running_daemon,
+    write_batch,
+)
 
 pytestmark = [pytest.mark.daemon, pytest.mark.postgres]
 
@@ -40,34 +43,16 @@ def one_run_at_a_time(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], Pa
     home = tmp_path / "home"
     home.mkdir()
     with fresh_pg_database() as url:
-        (home / "dagster.yaml").write_text(yaml.safe_dump({
-            "telemetry": {"enabled": False},
-            "storage": {"postgres": {"postgres_url": url}},
-            "run_coordinator": {"module": "dagster._core.run_coordinator",
-                                "class": "QueuedRunCoordinator",
-                                "config": {"dequeue_interval_seconds": 1}},
-            "concurrency": {"runs": {"max_concurrent_runs": 1}},
-        }))
+        config = queued_instance_config(url)
+        config["concurrency"]["runs"] = {"max_concurrent_runs": 1}
+        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
         env = {**os.environ, "DAGSTER_HOME": str(home), "BATCH_DEFS_PATH": str(batch_dir),
                "PYTHONPATH": str(PROJECT)}
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
-             str(PROJECT / "workspace.yaml")], cwd=PROJECT, env=env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=(tmp_path / "daemon.log").open("w"))
-        try:
-            yield home, env, marker
-        finally:
-            marker.touch()
-            children = psutil.Process(daemon.pid).children(recursive=True)
-            os.killpg(daemon.pid, signal.SIGTERM)
-            for child in children:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    child.terminate()
+        with running_daemon(home, env, tmp_path / "daemon.log"):
             try:
-                daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
-                daemon.wait()
+                yield home, env, marker
+            finally:
+                marker.touch()  # a held run must not outlive the test
 
 
 def submit(env: dict[str, str], *args: str) -> str:
