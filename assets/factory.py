@@ -20,12 +20,12 @@ from batch_defs.item_failures import record_item_failures
 from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_chunk
 from batch_defs.ledger import Ledger, StopRequest
 from batch_defs.loader import LoadedBatch
-from batch_defs.progress import ProgressWindow
+from batch_defs.progress import ProgressWindow, read_progress, starting_line
 from batch_defs.secrets import mask, register_resources
 from batch_defs.sources import SourceError, expand_env
 from batch_defs.spec import BatchSpec, PhaseSpec
 from batch_defs.states import RunState
-from batch_defs.summary import summarize_run
+from batch_defs.summary import RunSummary, summarize_run
 from batch_defs.tasks import (
     AFTER_TYPES,
     AfterContext,
@@ -41,9 +41,11 @@ from resources.storage import BatchStorageResource, RunOverridesResource
 RESOURCE_KEYS = {"batch_storage", "run_overrides"}
 # What dg.define_asset_job returns (its class is not exported by dagster).
 BatchJob = Any
-PROGRESS_EVERY_S = 5.0
+PROGRESS_EVERY_S = 1.0  # progress shows within 2 s of a change (bench: well under 1%)
 MANIFEST = "batch_items.jsonl"  # the fan-out's spool, kept beside the run's step outputs
-_progress: dict[str, tuple[float, ProgressWindow]] = {}  # run id -> (last publish, window)
+# run id -> (last publish, window, last line published)
+_progress: dict[str, tuple[float, ProgressWindow, str]] = {}
+_recorded: set[tuple[str, RunState]] = set()  # runs whose record this process has left
 
 
 class BatchPartitions(dg.DynamicPartitionsDefinition):
@@ -161,10 +163,21 @@ class BatchStep:
         self.mark(stop.kind.run_state)
         self.publish_progress(force=True)
         where = "" if started else "not started: "
-        raise dg.Failure(f"{where}{stop.reason}", allow_retries=False)
+        summary = self.summary()
+        if self.ledger.run_state(self.run_id).exists:
+            self.record_items(summary, stop.kind.run_state)
+        raise dg.Failure(f"{where}{stop.reason}{first_failures(summary)}",
+                         metadata=failure_metadata(summary), allow_retries=False)
+
+    def summary(self) -> RunSummary:
+        summary = summarize_run(self.ledger, self.run_id)
+        summary.tolerated_failures = self.spec.options.tolerated_count(summary.items)
+        return summary
 
     def publish_progress(self, force: bool = False) -> None:
-        """Progress as run tags (the Dagster run list shows them) and a log line, throttled.
+        """Progress as run tags (the run list and run page show them) and a log line on the
+        run page (`progress 450/1000 done (45%), 3 failed, 12.4 items/s, ETA 44s, phase
+        score`), about every PROGRESS_EVERY_S while it changes.
 
         BATCH_DEFS_PROGRESS=0 in the run's environment turns it off (bench/progress_overhead.py
         measures what it costs); read on each call, so a running code server needs no restart.
@@ -173,21 +186,31 @@ class BatchStep:
             return
         # The first publish comes PROGRESS_EVERY_S after a process starts on the run (or at
         # the end): short runs cost no progress queries beyond the final one.
-        last, window = _progress.setdefault(self.run_id, (time.monotonic(), ProgressWindow()))
+        last, window, line = _progress.setdefault(
+            self.run_id, (time.monotonic(), ProgressWindow(), ""))
         now = time.monotonic()
         if not force and now - last < PROGRESS_EVERY_S:
             return
-        _progress[self.run_id] = (now, window)
-        run = self.ledger.run(self.run_id)
-        if run is None:
-            return
-        progress = window.progress(self.ledger.counts(self.run_id), run["phases"],
-                                   run["total_items"])
+        progress = read_progress(self.ledger, self.run_id, window)
+        _progress[self.run_id] = (now, window, progress.line() if progress else line)
+        if progress is None or (progress.line() == line and not force):
+            return  # nothing changed: no event for the run page to show
         self.context.instance.add_run_tags(self.run_id, {
-            "batch/progress": progress.tag(),
-            "batch/failed": str(progress.failed + progress.invalid),
-        })
+            "batch/progress": progress.line(), "batch/failed": str(progress.failed),
+            "batch/phase": progress.phase or "-"})
         self.context.log.info(f"progress {progress.line()}")
+
+    def record_items(self, summary: RunSummary, state: RunState) -> None:
+        """The run's record on its results asset when it will not materialize it."""
+        from assets.results import record_run
+
+        if (self.run_id, state) in _recorded:
+            return  # the steps that stop after the first one add nothing to say
+        _recorded.add((self.run_id, state))
+        run = self.ledger.run(self.run_id)
+        record_run(self.context.instance, summary, [p.name for p in self.spec.phases],
+                   self.ledger.rows(self.run_id, light=True),
+                   run["started_at"] if run else None, state)
 
 
 def join_batch(context: dg.OpExecutionContext, spec: BatchSpec) -> None:
@@ -247,7 +270,8 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
             size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
             refs = read.spool.refs(size, invalid)
             context.log.info(f"{total} items in {len(refs)} chunks of up to {size}")
-        context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
+        context.instance.add_run_tags(step.run_id,
+                                      {"batch/progress": starting_line(total, invalid)})
         step.engine().add_chunks(refs)  # slots start on the first chunks at once
         for ref in refs:
             yield dg.DynamicOutput(ref, mapping_key=ref.mapping_key)
@@ -321,30 +345,46 @@ def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
             context.log.info(f"completed {report.executed} item-phases left unfinished")
         if report.stop:
             step.stop(report.stop)
-        run = step.ledger.run(step.run_id)
-        summary = summarize_run(step.ledger, step.run_id, run=run)
-        summary["tolerated_failures"] = step.spec.options.tolerated_count(summary["items"])
+        summary = step.summary()
         step.publish_progress(force=True)
-        if summary["failed_items"] <= summary["tolerated_failures"]:
+        if summary.within_tolerance:
             # Not succeeded yet: after steps and the results asset may still fail or be
             # killed; the results op marks the run succeeded as its very last act.
-            step.ledger.save_summary(step.run_id, summary)
-            return summary
-        step.ledger.finish_run(step.run_id, RunState.FAILED, summary)
+            step.ledger.save_summary(step.run_id, summary.as_dict())
+            return summary.as_dict()
+        step.ledger.finish_run(step.run_id, RunState.FAILED, summary.as_dict())
         step.mark(RunState.FAILED)
+        step.record_items(summary, RunState.FAILED)
         raise dg.Failure(
-            f"{summary['failed_items']} items failed or were invalid, more than the "
-            f"{summary['tolerated_failures']} tolerated; first: {first_failures(summary)}",
-            metadata={k: v for k, v in summary.items() if isinstance(v, int | float)},
-            allow_retries=False,
-        )
+            f"{summary.counted_failures} items failed, were invalid or rejected "
+            f"({summary.failed} failed, {summary.invalid} invalid, {summary.rejected} "
+            f"rejected), more than the {summary.tolerated_failures} tolerated"
+            f"{first_failures(summary)}",
+            metadata=failure_metadata(summary), allow_retries=False)
 
     return collect
 
 
-def first_failures(summary: dict[str, Any], shown: int = 3) -> str:
-    return "; ".join(f"{f['item_key']} ({f['phase']}): {f['error']}"
-                     for f in summary["failures"][:shown])
+def first_failures(summary: RunSummary, shown: int = 5) -> str:
+    """`; first: 5 (score): ValueError: bad record 5; ...; all: batch-defs results ...`."""
+    if not summary.failures:
+        return ""
+    named = "; ".join(f"{f.item_key} ({f.phase}, {f.status.value}): {f.error or ''}"
+                      for f in summary.failures[:shown])
+    more = summary.counted_failures - min(shown, len(summary.failures))
+    return (f"; first: {named}" + (f"; {more} more" if more > 0 else "")
+            + f"; all: {summary.results_hint()}")
+
+
+def failure_metadata(summary: RunSummary) -> dict[str, Any]:
+    """Counts and the first failed items, on the step failure in the run's logs."""
+    counts: dict[str, Any] = dict(summary.counts())
+    counts["tolerated_failures"] = summary.tolerated_failures
+    counts["first_failures"] = dg.MetadataValue.md("\n".join(
+        f"- `{f.item_key}` ({f.phase}, {f.status.value}, {f.attempts} attempts): "
+        f"{f.error or ''}" for f in summary.failures) or "none")
+    counts["all_failures"] = dg.MetadataValue.text(summary.results_hint())
+    return counts
 
 
 def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinition:
@@ -417,14 +457,16 @@ def build_batch_graph(loaded: LoadedBatch) -> dg.GraphDefinition:
             chunk = phase_op.alias(phase.name)(chunk)
         return chunk
 
+    outputs = list(results.outs)  # the result, then one per asset check
+
     @dg.graph(name=f"{spec.name}_batch", description=spec.description or None,
-              out={"result": dg.GraphOut()})
+              out={name: dg.GraphOut() for name in outputs})
     def batch_graph() -> Any:
         chunks = fan_out.alias("fan_out")()
         summary = collect.alias("collect")(chunks.map(through_phases).collect())
         for name, after_op in zip(spec.after_step_names(), after_ops, strict=True):
             summary = after_op.alias(name)(summary)
-        return results.alias("results")(summary)
+        return dict(zip(outputs, results.alias("results")(summary), strict=True))
 
     return batch_graph
 
@@ -432,12 +474,15 @@ def build_batch_graph(loaded: LoadedBatch) -> dg.GraphDefinition:
 def build_batch(loaded: LoadedBatch) -> tuple[dg.AssetsDefinition, BatchJob]:
     """The batch's results asset (graph-backed: its ops are the phases) and the job that
     materializes one partition of it per launch."""
-    from assets.results import results_asset_key
+    from assets.results import check_specs, results_asset_key
 
     spec = loaded.spec
     asset = dg.AssetsDefinition.from_graph(
         build_batch_graph(loaded),
         keys_by_output_name={"result": results_asset_key(spec.name)},
+        # Per-phase quality, red in the UI when a phase's failures put the run beyond
+        # tolerance; evaluated by the results op, or recorded by a run that fails or stops.
+        check_specs=check_specs(spec),
         partitions_def=BatchPartitions(name=spec.name),
         group_name="batches",
         descriptions_by_output_name={"result": f"Results of batch {spec.name}, per launch."},

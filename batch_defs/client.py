@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pandas as pd
@@ -32,6 +32,9 @@ import pandas as pd
 from batch_defs import control
 from batch_defs.ledger import LeaseHolder, Ledger
 from batch_defs.loader import Catalog, LoadedBatch, find_batch, load_catalog, with_overrides
+
+if TYPE_CHECKING:
+    from batch_defs.watch import RunStatus
 
 DEFINITIONS = "batch_defs.definitions"
 
@@ -180,10 +183,12 @@ class BatchClient:
 
     # Reading
 
-    def status(self, run: str) -> dict[str, Any]:
-        from batch_defs.watch import run_report
+    def status(self, run: str) -> RunStatus:
+        """The run's Dagster status, batch state, summary (counts in one vocabulary), live
+        progress (percent, ETA, current phase) and failed steps; `.as_dict()` for JSON."""
+        from batch_defs.watch import run_status
 
-        return run_report(self.instance, self.ledger, self.resolve(run).run_id)
+        return run_status(self.instance, self.ledger, self.resolve(run).run_id)
 
     def results(self, run: str, statuses: Sequence[str] = (),
                 phase: str | None = None) -> pd.DataFrame:
