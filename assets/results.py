@@ -80,18 +80,19 @@ def results_metadata(summary: RunSummary, rows: pd.DataFrame,
     metadata["items"] = summary.items
     metadata.update({name: getattr(summary, name) for name in OUTCOMES
                      if name != "pending" or summary.pending})
-    metadata.update({"reused": summary.reused, "duration_s": summary.duration_s,
-                     "items_per_s": summary.items_per_s, "cost": summary.cost,
-                     "tokens": summary.tokens, "run_cost": summary.run_cost,
-                     "run_tokens": summary.run_tokens})
     if summary.tolerated_failures is not None:
         metadata["tolerated_failures"] = summary.tolerated_failures
     if summary.stop_reason:
         metadata["stopped"] = dg.MetadataValue.text(summary.stop_reason)
-    metadata["per_phase"] = dg.MetadataValue.json(
-        {phase: counts.model_dump() for phase, counts in summary.per_phase.items()})
+    # Failures first, and the command for all of them, before the figures.
     metadata["items_table"] = item_table(rows)
     metadata["all_failures"] = dg.MetadataValue.text(summary.results_hint())
+    metadata["per_phase"] = dg.MetadataValue.json(
+        {phase: counts.model_dump() for phase, counts in summary.per_phase.items()})
+    metadata.update({"reused": summary.reused, "duration_s": summary.duration_s,
+                     "items_per_s": summary.items_per_s, "cost": summary.cost,
+                     "tokens": summary.tokens, "run_cost": summary.run_cost,
+                     "run_tokens": summary.run_tokens})
     # Data-URI images in markdown: the asset page shows them without a file server.
     metadata["charts"] = dg.MetadataValue.md(charts_markdown(rows, started_at))
     metadata["full_results"] = dg.MetadataValue.text(
@@ -121,7 +122,7 @@ def phase_checks(summary: RunSummary, phases: list[str], rows: pd.DataFrame,
             **{name: getattr(counts, name) for name in OUTCOMES},
             "tolerated_failures": summary.tolerated_failures or 0,
             "run_failures": summary.counted_failures,
-            "first_failures": dg.MetadataValue.md(failure_lines(part)),
+            "first_failures": dg.MetadataValue.text(failure_lines(part)),
             "all_failures": dg.MetadataValue.text(summary.results_hint()),
         }
         checks.append((phase_check_name(phase), not (beyond and bad), metadata))
@@ -129,13 +130,14 @@ def phase_checks(summary: RunSummary, phases: list[str], rows: pd.DataFrame,
 
 
 def failure_lines(rows: pd.DataFrame, shown: int = 10) -> str:
+    """`3 (failed, 1 attempts): ValueError: bad record 3; ...`: shown whole in the UI."""
     if rows.empty:
         return "none"
-    lines = [f"- `{r.item_key}` ({r.status}, {int(r.attempts)} attempts): {r.error or ''}"
+    lines = [f"{r.item_key} ({r.status}, {int(r.attempts)} attempts): {r.error or ''}"
              for r in rows.head(shown).itertuples()]
     if len(rows) > shown:
-        lines.append(f"- ... {len(rows) - shown} more")
-    return "\n".join(lines)
+        lines.append(f"... {len(rows) - shown} more")
+    return "; ".join(lines)
 
 
 def check_evaluations(summary: RunSummary, phases: list[str], rows: pd.DataFrame,

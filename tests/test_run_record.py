@@ -153,7 +153,9 @@ def test_checks_pass_for_a_run_within_tolerance(batch_dir: Path,
                    if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
     check = next(e for e in evaluations if e.check_name == "check_quality")
     assert check.metadata["success_rate"].value == pytest.approx(6 / 9, abs=1e-4)
-    assert "`2` (failed" in check.metadata["first_failures"].value
+    assert check.metadata["first_failures"].value == (
+        "2 (failed, 1 attempts): ValueError: bad record 2; "
+        "3 (rejected, 1 attempts): rule: 3 is out of range")
 
 
 @pytest.mark.job
