@@ -162,6 +162,10 @@ class BatchStep:
         self.ledger.request_stop(self.run_id, stop)
         self.mark(stop.kind.run_state)
         self.publish_progress(force=True)
+        if not started and (self.run_id, stop.kind.run_state) in _recorded:
+            # Steps after the first stopped one: their words would repeat its (and the
+            # summary costs a read of every row).
+            raise dg.Failure(f"not started: {stop.reason}", allow_retries=False)
         where = "" if started else "not started: "
         summary = self.summary()
         if self.ledger.run_state(self.run_id).exists:

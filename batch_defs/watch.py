@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from batch_defs.control import effective_state
-from batch_defs.ledger import SOURCE_PHASE, Ledger
+from batch_defs.ledger import Ledger
 from batch_defs.progress import PhaseTally, ProgressWindow, read_counts
 from batch_defs.secrets import mask
 from batch_defs.states import RunState
@@ -57,9 +57,10 @@ class RunBars:
             stopped_before += tally.stops
         overall = self.window.progress(counts, phases, total, run.get("started_at"))
         if "all" not in self.tasks:
-            self.tasks["all"] = self.progress.add_task("all", total=total, detail="")
-        self.progress.update(self.tasks["all"], completed=overall.done,
-                             detail=overall.line())
+            self.tasks["all"] = self.progress.add_task("all", total=overall.total_items,
+                                                       detail="")
+        self.progress.update(self.tasks["all"], total=overall.total_items,
+                             completed=overall.done, detail=overall.line())
 
 
 def _find_run(ledger: Ledger, batch: str, partition: str, since: float) -> dict | None:
@@ -231,8 +232,7 @@ def render_report(report: dict[str, Any]) -> Group:
         head.add_row("stopped", Text(summary.stop_reason))
     phases = Table("phase", *PHASE_COLUMNS, title=None)
     for phase, counts in summary.per_phase.items():
-        phases.add_row("source" if phase == SOURCE_PHASE else phase,
-                       *(str(getattr(counts, s)) for s in PHASE_COLUMNS))
+        phases.add_row(Text(phase), *(str(getattr(counts, s)) for s in PHASE_COLUMNS))
     parts: list[Any] = [head, phases, *errors]
     if summary.failures:
         failures = Table("item", "phase", "status", "attempts", "error",
