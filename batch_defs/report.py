@@ -343,6 +343,8 @@ def render_md(report: dict[str, Any], out: Path | None = None) -> str:
     if report.get("phases"):
         parts += ["", "## Phases", "",
                   _md_table(PHASE_HEADER, [_phase_cells(r) for r in report["phases"]])]
+    # What went wrong comes before the figures.
+    parts += _md_items(FAILED_TITLE, report.get("failures", []), FAILED_SHOWN, report["run_id"])
     if out is not None:
         images = {"throughput": throughput_png(report["throughput"]),
                   "durations": durations_png(report["durations"])}
@@ -355,7 +357,6 @@ def render_md(report: dict[str, Any], out: Path | None = None) -> str:
         if written:
             parts += ["", "## Charts", "", *written]
     parts += _md_items("Slowest items", report.get("slowest", []), SLOWEST)
-    parts += _md_items(FAILED_TITLE, report.get("failures", []), FAILED_SHOWN, report["run_id"])
     if report.get("step_failures"):
         parts += ["", "## Failed steps", "",
                   _md_table(["step", "error"],
@@ -369,8 +370,9 @@ def _md_items(title: str, rows: list[dict[str, Any]], limit: int,
         return []
     parts = ["", f"## {title} ({len(rows)})", "",
              _md_table(ITEM_HEADER, [_item_cells(r) for r in rows[:limit]])]
-    if run_id and len(rows) > limit:
-        parts += ["", f"All of them: `{RESULTS_HINT.format(run_id=run_id)}`"]
+    if run_id:
+        shown = f"The first {limit} of {len(rows)}; all" if len(rows) > limit else "All"
+        parts += ["", f"{shown} of them: `{RESULTS_HINT.format(run_id=run_id)}`"]
     return parts
 
 
@@ -401,6 +403,19 @@ def css_token(text: str) -> str:
     return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in text)
 
 
+def _html_items(title: str, rows: list[dict[str, Any]], limit: int,
+                run_id: str | None = None) -> list[str]:
+    if not rows:
+        return []
+    parts = [f"<h2>{title} ({len(rows)})</h2>",
+             _html_table(ITEM_HEADER, [_item_cells(r) for r in rows[:limit]], 5)]
+    if run_id:
+        shown = f"The first {limit} of {len(rows)}; all" if len(rows) > limit else "All"
+        hint = html.escape(RESULTS_HINT.format(run_id=run_id))
+        parts.append(f"<p>{shown} of them: <code>{hint}</code></p>")
+    return parts
+
+
 def render_html(report: dict[str, Any]) -> str:
     """One self-contained page: charts are PNGs inlined as data URIs."""
     title = html.escape(_title(report))
@@ -414,20 +429,15 @@ def render_html(report: dict[str, Any]) -> str:
     if report.get("phases"):
         parts += ["<h2>Phases</h2>",
                   _html_table(PHASE_HEADER, [_phase_cells(r) for r in report["phases"]])]
+    parts += _html_items(FAILED_TITLE, report.get("failures", []), FAILED_SHOWN,
+                         report["run_id"])
     charts = [(name, png) for name, png in (
         ("throughput", throughput_png(report["throughput"])),
         ("durations", durations_png(report["durations"]))) if png]
     if charts:
         parts.append("<h2>Charts</h2>")
         parts += [f"<img alt='{name}' src='{data_uri(png)}'>" for name, png in charts]
-    for heading, rows, limit in (("Slowest items", report.get("slowest", []), SLOWEST),
-                                 (FAILED_TITLE, report.get("failures", []), FAILED_SHOWN)):
-        if rows:
-            parts += [f"<h2>{heading} ({len(rows)})</h2>",
-                      _html_table(ITEM_HEADER, [_item_cells(r) for r in rows[:limit]], 5)]
-            if len(rows) > limit:
-                hint = RESULTS_HINT.format(run_id=report["run_id"])
-                parts.append(f"<p>All of them: <code>{html.escape(hint)}</code></p>")
+    parts += _html_items("Slowest items", report.get("slowest", []), SLOWEST)
     if report.get("step_failures"):
         parts += ["<h2>Failed steps</h2>",
                   _html_table(["step", "error"], [[f["step"], f["error"]]

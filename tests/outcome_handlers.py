@@ -12,7 +12,7 @@ def sort_outcomes(item: dict[str, Any], ctx: Any) -> TaskResult:
     """Fails, rejects or skips the keys listed in params; the others succeed at params.cost."""
     key = int(ctx.key)
     if key in ctx.params.get("fail_keys", []):
-        raise ValueError(f"bad record {ctx.key}")
+        raise ValueError(ctx.params.get("error") or f"bad record {ctx.key}")
     if key in ctx.params.get("reject_keys", []):
         ctx.reject(f"rule: {ctx.key} is out of range")
     if key in ctx.params.get("skip_keys", []):

@@ -252,3 +252,28 @@ def test_submit_without_a_daemon_warns_and_watch_says_queued(cli_env: dict[str, 
     assert "CANCELED" in out
     status = json.loads(cli(cli_env, "status", run_id, "--json").stdout)
     assert status["status"] == "CANCELED" and status["progress"] is None
+
+
+@pytest.mark.cli
+def test_piped_output_keeps_tables_and_paths_whole(cli_env: dict[str, str],
+                                                   batch_dir: Path) -> None:
+    """Not a terminal: plain text, never wrapped or cut, however narrow COLUMNS says."""
+    long_error = "the record has no usable total: " + "x" * 150
+    outcome_batch(batch_dir)
+    spec_path = batch_dir / "sorted.yaml"
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["phases"][0]["params"]["error"] = long_error
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {**cli_env, "COLUMNS": "40"}
+    done = cli(env, "run", "sorted", "--partition", "narrow")
+    assert done.returncode == 0, done.stderr
+    run_id = re.search(r"^run\s+(\S+)", done.stdout, re.M).group(1)  # type: ignore[union-attr]
+    assert "\x1b[" not in done.stdout  # no colour codes in a pipe
+    lines = done.stdout.splitlines()
+    assert any(f"ValueError: {long_error}" in line for line in lines)
+    hint = f"all of them: batch-defs results {run_id} --status failed,invalid,rejected"
+    assert hint in [line.strip() for line in lines]
+    table = cli(env, "results", run_id, "--status", "failed").stdout.splitlines()
+    assert any(f"ValueError: {long_error}" in line and "│ 2 " in line for line in table)
