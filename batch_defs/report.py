@@ -287,7 +287,7 @@ def summary_pairs(report: dict[str, Any]) -> list[tuple[str, str]]:
             ("executed item-phases", f"{report['executed_item_phases']} "
                                      f"({summary.reused} rows reused from earlier runs)"),
             ("duration", f"{summary.duration_s:.1f} s"),
-            ("throughput", f"{summary.items_per_s} items/s"),
+            ("throughput", f"{summary.items_per_s:.1f} items/s"),
             ("cost", summary.cost_line()),
         ]
         if summary.tolerated_failures is not None:

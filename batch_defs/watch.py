@@ -223,7 +223,7 @@ def render_report(report: dict[str, Any]) -> Group:
     progress = report.get("progress") or {}
     if summary.pending and progress:
         head.add_row("progress", Text(progress["line"]))
-    head.add_row("duration", f"{summary.duration_s:.1f}s, {summary.items_per_s} items/s")
+    head.add_row("duration", f"{summary.duration_s:.1f}s, {summary.items_per_s:.1f} items/s")
     if summary.cost or summary.tokens:
         head.add_row("cost", Text(summary.cost_line()))
     for name, path in report.get("files", {}).items():

@@ -87,6 +87,10 @@ def test_counts_say_the_same_in_cli_report_asset_and_tags(cli_env: dict[str, str
     assert metadata_value(metadata, "items_per_s") == rate
     assert tags["batch/progress"] == (f"10/10 done (100%), 1 failed, 1 invalid, 1 rejected, "
                                       f"{rate:.1f} items/s")
+    # ... and so do the run's last progress bar and its printed summary.
+    assert any(line.startswith("all") and f"{rate:.1f} items/s" in line
+               for line in done.stderr.splitlines())
+    assert f", {rate:.1f} items/s" in done.stdout
 
 
 @pytest.mark.job
