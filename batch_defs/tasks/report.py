@@ -24,11 +24,11 @@ class ReportParams(TaskParams):
 
 
 def iso_times(rows: pd.DataFrame) -> pd.DataFrame:
-    """Epoch-second columns as ISO 8601 UTC text (`2026-11-03T09:15:02.125000+00:00`)."""
+    """Epoch-second columns as ISO 8601 UTC text (`2026-11-03T09:15:02.125431+00:00`)."""
     rows = rows.copy()
     for column in TIME_COLUMNS:
         if column in rows.columns:
-            stamps = pd.to_datetime(rows[column], unit="s", utc=True)
+            stamps = pd.to_datetime(rows[column], unit="s", utc=True).dt.round("us")
             rows[column] = [None if pd.isna(t) else t.isoformat() for t in stamps]
     return rows
 
