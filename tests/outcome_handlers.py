@@ -25,3 +25,15 @@ def steady(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """The same duration for every item: params.ms."""
     time.sleep(float(ctx.params.get("ms", 10)) / 1000)
     return {f"{ctx.phase}_done": True}
+
+
+def cancel_at(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Asks for the run to be canceled when it reaches item params.key (as `batch-defs cancel`
+    does, through the ledger), then takes params.ms like every item."""
+    from batch_defs.ledger import StopRequest
+    from batch_defs.states import StopKind
+
+    if ctx.key == str(ctx.params["key"]):
+        ctx.journal.request_stop(ctx.run_id, StopRequest(StopKind.CANCELED, "canceled: by a test"))
+    time.sleep(float(ctx.params.get("ms", 0)) / 1000)
+    return {"seen": True}

@@ -281,3 +281,25 @@ def test_piped_output_keeps_tables_and_paths_whole(cli_env: dict[str, str],
     assert hint in [line.strip() for line in lines]
     table = cli(env, "results", run_id, "--status", "failed").stdout.splitlines()
     assert any(f"ValueError: {long_error}" in line and "│ 2 " in line for line in table)
+
+
+@pytest.mark.job
+def test_a_canceled_run_records_its_items_as_canceled(batch_dir: Path,
+                                                      instance: dg.DagsterInstance) -> None:
+    write_batch(batch_dir, {
+        "name": "stopped", "source": {"type": "inline", "key": "id",
+                                      "items": [{"id": i} for i in range(1, 41)]},
+        "phases": [{"name": "work", "task": "python",
+                    "params": {"function": "tests.outcome_handlers:cancel_at", "key": 3,
+                               "ms": 100}}],
+        "options": {"concurrency": 2},
+    })
+    result = run_batch(batch_dir, instance, "stopped", "p1")
+    assert not result.success
+    observed = instance.fetch_observations(results_asset_key("stopped"), limit=5).records
+    assert len(observed) == 1
+    metadata = observed[0].asset_observation.metadata  # type: ignore[union-attr]
+    assert metadata["state"].value == "canceled"
+    assert metadata["stopped"].value == "canceled: by a test"
+    assert 0 < metadata["succeeded"].value < 40 and metadata["pending"].value > 0
+    assert metadata["succeeded"].value + metadata["pending"].value == 40
