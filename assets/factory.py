@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,7 +21,7 @@ from batch_defs.item_failures import record_item_failures
 from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_chunk
 from batch_defs.ledger import Ledger, StopRequest
 from batch_defs.loader import LoadedBatch
-from batch_defs.progress import ProgressWindow, read_progress, starting_line
+from batch_defs.progress import ProgressReader, starting_line
 from batch_defs.secrets import mask, register_resources
 from batch_defs.sources import SourceError, expand_env
 from batch_defs.spec import BatchSpec, PhaseSpec
@@ -42,12 +43,33 @@ RESOURCE_KEYS = {"batch_storage", "run_overrides"}
 # What dg.define_asset_job returns (its class is not exported by dagster).
 BatchJob = Any
 PROGRESS_EVERY_S = 1.0  # the run page's progress line: within 2 s of a change
+PROGRESS_AT_MOST_S = 2.0  # ... or every 2 s, when publishing has become slow
+# A publish waits on Dagster's commits, which a loaded machine makes slow: it is spaced so
+# that publishing takes at most this share of the run's time (within the two periods above).
+PROGRESS_BUDGET = 0.008
 # Run tags cost more than the log line (Dagster reads and rewrites the run's tags) and the run
 # list shows them after its own refresh (15 s): every 5 s, and at the end.
 PROGRESS_TAGS_EVERY_S = 5.0
 MANIFEST = "batch_items.jsonl"  # the fan-out's spool, kept beside the run's step outputs
-# run id -> (last publish, window, last line published, last tags, the run's batch_run row)
-_progress: dict[str, tuple[float, ProgressWindow, str, float, dict[str, Any] | None]] = {}
+
+
+@dataclass
+class Publishing:
+    """One run's progress publishing in this process."""
+
+    last: float  # monotonic time of the last look at the ledger
+    reader: ProgressReader = field(default_factory=ProgressReader)
+    line: str | None = None  # the line last published
+    tagged: float = 0.0  # when the run tags were last written
+    run: dict[str, Any] | None = None  # the run's batch_run row (phases, totals)
+    cost_s: float = 0.0  # what a publish takes, smoothed
+
+    def due(self, now: float) -> bool:
+        period = min(PROGRESS_AT_MOST_S, max(PROGRESS_EVERY_S, self.cost_s / PROGRESS_BUDGET))
+        return now - self.last >= period
+
+
+_progress: dict[str, Publishing] = {}  # run id -> its publishing
 _recorded: set[tuple[str, RunState]] = set()  # runs whose record this process has left
 
 
@@ -194,22 +216,25 @@ class BatchStep:
         # The first publish comes PROGRESS_EVERY_S after a process starts on the run (or at
         # the end): short runs cost no progress queries beyond the final one.
         now = time.monotonic()
-        last, window, line, tagged, run = _progress.setdefault(
-            self.run_id, (now, ProgressWindow(), "", now, None))
-        if not force and now - last < PROGRESS_EVERY_S:
+        state = _progress.setdefault(self.run_id, Publishing(last=now, tagged=now))
+        if not force and not state.due(now):
             return
-        run = run or self.ledger.run(self.run_id)  # phases and totals do not change
-        progress = read_progress(self.ledger, self.run_id, window, run) if run else None
-        if progress is None or (progress.line() == line and not force):
-            _progress[self.run_id] = (now, window, line, tagged, run)
+        state.last = now
+        state.run = state.run or self.ledger.run(self.run_id)  # phases, totals: fixed
+        # Forced (a step's end): every row again, exact; else only the rows since last time.
+        progress = (state.reader.read(self.ledger, self.run_id, state.run, full=force)
+                    if state.run else None)
+        if progress is None or (progress.line() == state.line and not force):
             return  # nothing changed: no event for the run page to show
-        self.context.log.info(f"progress {progress.line()}")
-        if force or now - tagged >= PROGRESS_TAGS_EVERY_S:
+        state.line = progress.line()
+        self.context.log.info(f"progress {state.line}")
+        if force or now - state.tagged >= PROGRESS_TAGS_EVERY_S:
             self.context.instance.add_run_tags(self.run_id, {
-                "batch/progress": progress.line(), "batch/failed": str(progress.failed),
+                "batch/progress": state.line, "batch/failed": str(progress.failed),
                 "batch/phase": progress.phase or "-"})
-            tagged = now
-        _progress[self.run_id] = (now, window, progress.line(), tagged, run)
+            state.tagged = now
+        spent = time.monotonic() - now
+        state.cost_s = spent if not state.cost_s else 0.7 * state.cost_s + 0.3 * spent
 
     def record_items(self, summary: RunSummary, state: RunState) -> None:
         """The run's record on its results asset when it will not materialize it."""

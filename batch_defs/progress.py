@@ -68,7 +68,13 @@ class LiveCounts:
         return sum(t.statuses.get(status, 0) for t in self.phases.values())
 
 
-def read_counts(ledger: Ledger, run_id: str, phases: list[str]) -> LiveCounts:
+def read_counts(ledger: Ledger, run_id: str, phases: list[str],
+                into: LiveCounts | None = None, after_id: int = 0) -> tuple[LiveCounts, int]:
+    """The run's rows with an id above `after_id`, added to `into`; and the highest id seen.
+
+    Rows only ever arrive (a rewritten row keeps its id and, but for rare retries, its
+    outcome), so a publisher reads only what is new since its last look; a full read
+    (after_id 0) is exact."""
     t = item_table.c
     ran = t.reused_from.is_(None)
     passes = sa.or_(t.status == ItemStatus.SUCCEEDED.value,
@@ -76,12 +82,13 @@ def read_counts(ledger: Ledger, run_id: str, phases: list[str]) -> LiveCounts:
                             t.skip_cause == SkipCause.CONDITION.value))
     query = (sa.select(t.phase, t.status, passes.label("passes"), ran.label("ran"),
                        sa.func.count(), sa.func.coalesce(sa.func.sum(t.duration_s), 0.0),
-                       sa.func.min(t.started_at), sa.func.max(t.finished_at))
-             .where(t.run_id == run_id).group_by(t.phase, t.status, passes, ran))
-    counts = LiveCounts({phase: PhaseTally() for phase in phases})
+                       sa.func.min(t.started_at), sa.func.max(t.finished_at), sa.func.max(t.id))
+             .where(t.run_id == run_id, t.id > after_id).group_by(t.phase, t.status, passes, ran))
+    counts = into or LiveCounts({phase: PhaseTally() for phase in phases})
     with ledger.engine.connect() as conn:
         result = list(conn.execute(query))
-    for phase, status, passed, executed, n, work, first, last in result:
+    last_id = max([after_id, *(row[-1] for row in result)])
+    for phase, status, passed, executed, n, work, first, last, _ in result:
         if phase == SOURCE_PHASE:
             counts.invalid += n
             continue
@@ -95,7 +102,7 @@ def read_counts(ledger: Ledger, run_id: str, phases: list[str]) -> LiveCounts:
                 counts.first_started = min(first, counts.first_started or first)
             if last is not None:
                 counts.last_finished = max(last, counts.last_finished or last)
-    return counts
+    return counts, last_id
 
 
 @dataclass(frozen=True)
@@ -218,11 +225,28 @@ class ProgressWindow:
 def read_progress(ledger: Ledger, run_id: str, window: ProgressWindow,
                   run: Mapping[str, Any] | None = None) -> Progress | None:
     """The run's progress now, or None before it has a batch_run row."""
-    run = run or ledger.run(run_id)
-    if run is None:
-        return None
-    phases = list(run["phases"])
-    counts = read_counts(ledger, run_id, phases)
-    started = run.get("started_at")
-    return window.progress(counts, phases, int(run["total_items"]),
-                           float(started) if started else None)
+    return ProgressReader(window).read(ledger, run_id, run, full=True)
+
+
+class ProgressReader:
+    """Progress of one run, read again and again: each look reads only the rows that arrived
+    since the last one, so its cost does not grow with the run's size; `full` reads all."""
+
+    def __init__(self, window: ProgressWindow | None = None):
+        self.window = window or ProgressWindow()
+        self.counts: LiveCounts | None = None
+        self.last_id = 0
+
+    def read(self, ledger: Ledger, run_id: str, run: Mapping[str, Any] | None = None,
+             full: bool = False) -> Progress | None:
+        run = run or ledger.run(run_id)
+        if run is None:
+            return None
+        phases = list(run["phases"])
+        if full:
+            self.counts, self.last_id = None, 0
+        self.counts, self.last_id = read_counts(ledger, run_id, phases, self.counts,
+                                                self.last_id)
+        started = run.get("started_at")
+        return self.window.progress(self.counts, phases, int(run["total_items"]),
+                                    float(started) if started else None)
