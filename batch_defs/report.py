@@ -94,7 +94,9 @@ def throughput_series(rows: pd.DataFrame, started_at: float | None = None,
     start = float(started_at) if started_at else float(ran["started_at"].min())
     span = max(float(finished.max()) - start, 1e-3)
     width = max(span / bins, MIN_BIN_S)
-    edges = np.append(np.arange(0.0, span, width), span)
+    edges = np.arange(0.0, span, width)
+    # arange may end a hair below span (float steps): that bin would have no width.
+    edges = np.append(edges[edges < span - width * 1e-6], span)
     lengths = np.diff(edges)
     per_phase = {}
     for phase in ran["phase"].unique():

@@ -119,3 +119,41 @@ def test_the_ended_run_has_one_throughput_figure(unit_ledger: Ledger, tmp_path: 
     assert progress.items_per_s == summary.items_per_s > 0
     assert f"{summary.items_per_s:.1f} items/s" in progress.line()
     assert progress.line().startswith("60/60 done (100%), 0 failed")
+
+
+def test_reading_only_new_rows_adds_up_to_a_full_read(unit_ledger: Ledger,
+                                                      tmp_path: Path) -> None:
+    from batch_defs.progress import ProgressReader
+
+    plan = engine_plan(unit_ledger, [sleeper(0.002), sleeper(0.001)], tmp_path, concurrency=4)
+    reader = ProgressReader()
+    looks = []
+    done = threading.Event()
+
+    def look() -> None:
+        while not done.wait(0.05):
+            looks.append(reader.read(unit_ledger, "run-1"))
+
+    watcher = threading.Thread(target=look, daemon=True)
+    watcher.start()
+    run_items(plan, items(300), tmp_path / "spool")
+    done.set()
+    watcher.join()
+    last = reader.read(unit_ledger, "run-1")
+    full = read_progress(unit_ledger, "run-1", ProgressWindow())
+    assert len([p for p in looks if p is not None]) >= 3  # it read in several steps
+    assert last is not None and full is not None and last.finished
+    assert (last.done, last.failed, last.items_per_s) == (full.done, full.failed,
+                                                         full.items_per_s)
+    assert reader.counts is not None and reader.counts.executed == 600
+
+
+def test_publishing_is_spaced_to_stay_within_its_budget() -> None:
+    from assets.factory import PROGRESS_AT_MOST_S, PROGRESS_BUDGET, Publishing
+
+    cheap = Publishing(last=100.0, cost_s=0.002)
+    assert not cheap.due(100.9) and cheap.due(101.0)  # every second
+    slow = Publishing(last=100.0, cost_s=0.012)  # 12 ms a publish: every 1.5 s
+    assert not slow.due(101.4) and slow.due(100.0 + 0.012 / PROGRESS_BUDGET)
+    very_slow = Publishing(last=100.0, cost_s=0.5)
+    assert very_slow.due(100.0 + PROGRESS_AT_MOST_S)  # never rarer than every 2 s
