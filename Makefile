@@ -20,8 +20,13 @@ install: $(BIN)/batch-defs
 home: install
 	$(BIN)/python -m batch_defs.instance >/dev/null
 
+# Ends by saying where the letters and the report (html with charts, csv and json rows) are.
 demo: install
 	$(BIN)/batch-defs run demo
+	@latest=$$(ls -td "$(DAGSTER_HOME)"/batch_output/demo/*/ | head -1); \
+	echo; echo "outputs: $${latest}letters/ (one letter per customer)"; \
+	echo "report:  $${latest}report.html (also report.csv, report.json)"; \
+	echo "more:    batch-defs report RUN_ID, batch-defs results RUN_ID (make ui for the UI)"
 
 test: home
 	bash scripts/ensure-postgres.sh

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,14 +22,14 @@ from batch_defs.item_failures import record_item_failures
 from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_chunk
 from batch_defs.ledger import Ledger, StopRequest
 from batch_defs.loader import LoadedBatch
-from batch_defs.progress import ProgressWindow
+from batch_defs.progress import ProgressReader, starting_line
 from batch_defs.routing import build_router
 from batch_defs.secrets import mask, register_resources
 from batch_defs.settings import LiveSettings
 from batch_defs.sources import SourceError
 from batch_defs.spec import BatchSpec, OptionsSpec, PhaseSpec
 from batch_defs.states import RunState, StopKind
-from batch_defs.summary import summarize_run
+from batch_defs.summary import RunSummary, summarize_run
 from batch_defs.tasks import (
     AFTER_TYPES,
     AfterContext,
@@ -46,9 +47,35 @@ RESOURCE_KEYS = {"batch_storage", "run_overrides"}
 ROLLBACK_EVENTS = {StopKind.FAIL_FAST: "fail", StopKind.CANCELED: "cancel"}
 # What dg.define_asset_job returns (its class is not exported by dagster).
 BatchJob = Any
-PROGRESS_EVERY_S = 5.0
+PROGRESS_EVERY_S = 1.0  # the run page's progress line: within 2 s of a change
+PROGRESS_AT_MOST_S = 2.0  # ... or every 2 s, when publishing has become slow
+# A publish waits on Dagster's commits, which a loaded machine makes slow: it is spaced so
+# that publishing takes at most this share of the run's time (within the two periods above).
+PROGRESS_BUDGET = 0.008
+# Run tags cost more than the log line (Dagster reads and rewrites the run's tags) and the run
+# list shows them after its own refresh (15 s): every 5 s, and at the end.
+PROGRESS_TAGS_EVERY_S = 5.0
 MANIFEST = "batch_items.jsonl"  # the fan-out's spool, kept beside the run's step outputs
-_progress: dict[str, tuple[float, ProgressWindow]] = {}  # run id -> (last publish, window)
+
+
+@dataclass
+class Publishing:
+    """One run's progress publishing in this process."""
+
+    last: float  # monotonic time of the last look at the ledger
+    reader: ProgressReader = field(default_factory=ProgressReader)
+    line: str | None = None  # the line last published
+    tagged: float = 0.0  # when the run tags were last written
+    run: dict[str, Any] | None = None  # the run's batch_run row (phases, totals)
+    cost_s: float = 0.0  # what a publish takes, smoothed
+
+    def due(self, now: float) -> bool:
+        period = min(PROGRESS_AT_MOST_S, max(PROGRESS_EVERY_S, self.cost_s / PROGRESS_BUDGET))
+        return now - self.last >= period
+
+
+_progress: dict[str, Publishing] = {}  # run id -> its publishing
+_recorded: set[tuple[str, RunState]] = set()  # runs whose record this process has left
 
 
 class BatchPartitions(dg.DynamicPartitionsDefinition):
@@ -176,11 +203,25 @@ class BatchStep:
         self.ledger.request_stop(self.run_id, stop)
         self.mark(stop.kind.run_state)
         self.publish_progress(force=True)
+        if not started and (self.run_id, stop.kind.run_state) in _recorded:
+            # Steps after the first stopped one: their words would repeat its (and the
+            # summary costs a read of every row).
+            raise dg.Failure(f"not started: {stop.reason}", allow_retries=False)
         where = "" if started else "not started: "
         # Even a step that did not start may end the run in a process whose slots worked
         # ahead into its items; a rollback that finds everything undone already is a no-op.
         rolled = self.roll_back(ROLLBACK_EVENTS.get(stop.kind))
-        raise dg.Failure(f"{where}{stop.reason}{rolled}", allow_retries=False)
+        summary = self.summary()
+        if self.ledger.run_state(self.run_id).exists:
+            self.record_items(summary, stop.kind.run_state)
+        raise dg.Failure(f"{where}{stop.reason}{first_failures(summary)}{rolled}",
+                         metadata=failure_metadata(summary), allow_retries=False)
+
+    def summary(self) -> RunSummary:
+        """The run's summary, judged against the tolerance in force (live changes too)."""
+        summary = summarize_run(self.ledger, self.run_id)
+        summary.tolerated_failures = self.live_options().tolerated_count(summary.items)
+        return summary
 
     def roll_back(self, event: str | None) -> str:
         """Undo the run's effects if options.rollback_on names `event` ("fail", "cancel"),
@@ -204,7 +245,9 @@ class BatchStep:
         return LiveSettings.from_values(settings.get("values", {})).options(self.spec.options)
 
     def publish_progress(self, force: bool = False) -> None:
-        """Progress as run tags (the Dagster run list shows them) and a log line, throttled.
+        """Progress as run tags (the run list and run page show them) and a log line on the
+        run page (`progress 450/1000 done (45%), 3 failed, 12.4 items/s, ETA 44s, phase
+        score`), about every PROGRESS_EVERY_S while it changes.
 
         BATCH_DEFS_PROGRESS=0 in the run's environment turns it off (bench/progress_overhead.py
         measures what it costs); read on each call, so a running code server needs no restart.
@@ -213,21 +256,38 @@ class BatchStep:
             return
         # The first publish comes PROGRESS_EVERY_S after a process starts on the run (or at
         # the end): short runs cost no progress queries beyond the final one.
-        last, window = _progress.setdefault(self.run_id, (time.monotonic(), ProgressWindow()))
         now = time.monotonic()
-        if not force and now - last < PROGRESS_EVERY_S:
+        state = _progress.setdefault(self.run_id, Publishing(last=now, tagged=now))
+        if not force and not state.due(now):
             return
-        _progress[self.run_id] = (now, window)
+        state.last = now
+        state.run = state.run or self.ledger.run(self.run_id)  # phases, totals: fixed
+        # Forced (a step's end): every row again, exact; else only the rows since last time.
+        progress = (state.reader.read(self.ledger, self.run_id, state.run, full=force)
+                    if state.run else None)
+        if progress is None or (progress.line() == state.line and not force):
+            return  # nothing changed: no event for the run page to show
+        state.line = progress.line()
+        self.context.log.info(f"progress {state.line}")
+        if force or now - state.tagged >= PROGRESS_TAGS_EVERY_S:
+            self.context.instance.add_run_tags(self.run_id, {
+                "batch/progress": state.line, "batch/failed": str(progress.failed),
+                "batch/phase": progress.phase or "-"})
+            state.tagged = now
+        spent = time.monotonic() - now
+        state.cost_s = spent if not state.cost_s else 0.7 * state.cost_s + 0.3 * spent
+
+    def record_items(self, summary: RunSummary, state: RunState) -> None:
+        """The run's record on its results asset when it will not materialize it."""
+        from assets.results import record_run
+
+        if (self.run_id, state) in _recorded:
+            return  # the steps that stop after the first one add nothing to say
+        _recorded.add((self.run_id, state))
         run = self.ledger.run(self.run_id)
-        if run is None:
-            return
-        progress = window.progress(self.ledger.counts(self.run_id), run["phases"],
-                                   run["total_items"])
-        self.context.instance.add_run_tags(self.run_id, {
-            "batch/progress": progress.tag(),
-            "batch/failed": str(progress.failed + progress.invalid),
-        })
-        self.context.log.info(f"progress {progress.line()}")
+        record_run(self.context.instance, summary, [p.name for p in self.spec.phases],
+                   self.ledger.rows(self.run_id, light=True),
+                   run["started_at"] if run else None, state)
 
 
 def join_batch(context: dg.OpExecutionContext, spec: BatchSpec) -> None:
@@ -295,7 +355,8 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
             size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
             refs = read.spool.refs(size, invalid)
             context.log.info(f"{total} items in {len(refs)} chunks of up to {size}")
-        context.instance.add_run_tags(step.run_id, {"batch/progress": f"0/{total} 0%"})
+        context.instance.add_run_tags(step.run_id,
+                                      {"batch/progress": starting_line(total, invalid)})
         step.engine().add_chunks(refs)  # slots start on the first chunks at once
         for ref in refs:
             yield dg.DynamicOutput(ref, mapping_key=ref.mapping_key)
@@ -344,6 +405,7 @@ def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
         if stopped:
             step.stop(stopped, started=False)
         report = step.engine().run_chunk(index, chunk, step.check_in, context.log)
+        step.publish_progress()  # steps that never wait a second (work done ahead) too
         context.log.info(f"{chunk.mapping_key}: {report.executed} run, {report.reused} "
                          f"reused, {report.failed} failed")
         if report.stop:
@@ -374,32 +436,47 @@ def build_collect(loaded: LoadedBatch) -> dg.OpDefinition:
             context.log.info(f"completed {report.executed} item-phases left unfinished")
         if report.stop:
             step.stop(report.stop)
-        run = step.ledger.run(step.run_id)
-        summary = summarize_run(step.ledger, step.run_id, run=run)
-        summary["tolerated_failures"] = step.live_options().tolerated_count(summary["items"])
+        summary = step.summary()
         step.publish_progress(force=True)
-        if summary["failed_items"] <= summary["tolerated_failures"]:
+        if summary.within_tolerance:
             # Not succeeded yet: after steps and the results asset may still fail or be
             # killed; the results op marks the run succeeded as its very last act.
-            step.ledger.save_summary(step.run_id, summary)
-            return summary
-        step.ledger.finish_run(step.run_id, RunState.FAILED, summary)
+            step.ledger.save_summary(step.run_id, summary.as_dict())
+            return summary.as_dict()
+        step.ledger.finish_run(step.run_id, RunState.FAILED, summary.as_dict())
         step.mark(RunState.FAILED)
+        step.record_items(summary, RunState.FAILED)
         rolled = step.roll_back("fail")
         raise dg.Failure(
-            f"{summary['failed_items']} items failed or were invalid, more than the "
-            f"{summary['tolerated_failures']} tolerated; first: {first_failures(summary)}"
-            f"{rolled}",
-            metadata={k: v for k, v in summary.items() if isinstance(v, int | float)},
-            allow_retries=False,
-        )
+            f"{summary.counted_failures} items failed, were invalid or rejected "
+            f"({summary.failed} failed, {summary.invalid} invalid, {summary.rejected} "
+            f"rejected), more than the {summary.tolerated_failures} tolerated"
+            f"{first_failures(summary)}{rolled}",
+            metadata=failure_metadata(summary), allow_retries=False)
 
     return collect
 
 
-def first_failures(summary: dict[str, Any], shown: int = 3) -> str:
-    return "; ".join(f"{f['item_key']} ({f['phase']}): {f['error']}"
-                     for f in summary["failures"][:shown])
+def first_failures(summary: RunSummary, shown: int = 5) -> str:
+    """`; first: 5 (score): ValueError: bad record 5; ...; all: batch-defs results ...`."""
+    if not summary.failures:
+        return ""
+    named = "; ".join(f"{f.item_key} ({f.phase}, {f.status.value}): {f.error or ''}"
+                      for f in summary.failures[:shown])
+    more = summary.counted_failures - min(shown, len(summary.failures))
+    return (f"; first: {named}" + (f"; {more} more" if more > 0 else "")
+            + f"; all: {summary.results_hint()}")
+
+
+def failure_metadata(summary: RunSummary) -> dict[str, Any]:
+    """Counts and the first failed items, on the step failure in the run's logs."""
+    counts: dict[str, Any] = dict(summary.counts())
+    counts["tolerated_failures"] = summary.tolerated_failures
+    counts["first_failures"] = dg.MetadataValue.md("\n".join(
+        f"- `{f.item_key}` ({f.phase}, {f.status.value}, {f.attempts} attempts): "
+        f"{f.error or ''}" for f in summary.failures) or "none")
+    counts["all_failures"] = dg.MetadataValue.text(summary.results_hint())
+    return counts
 
 
 def build_after_op(loaded: LoadedBatch, index: int, name: str) -> dg.OpDefinition:
@@ -472,14 +549,16 @@ def build_batch_graph(loaded: LoadedBatch) -> dg.GraphDefinition:
             chunk = phase_op.alias(phase.name)(chunk)
         return chunk
 
+    outputs = list(results.outs)  # the result, then one per asset check
+
     @dg.graph(name=f"{spec.name}_batch", description=spec.description or None,
-              out={"result": dg.GraphOut()})
+              out={name: dg.GraphOut() for name in outputs})
     def batch_graph() -> Any:
         chunks = fan_out.alias("fan_out")()
         summary = collect.alias("collect")(chunks.map(through_phases).collect())
         for name, after_op in zip(spec.after_step_names(), after_ops, strict=True):
             summary = after_op.alias(name)(summary)
-        return results.alias("results")(summary)
+        return dict(zip(outputs, results.alias("results")(summary), strict=True))
 
     return batch_graph
 
@@ -487,12 +566,15 @@ def build_batch_graph(loaded: LoadedBatch) -> dg.GraphDefinition:
 def build_batch(loaded: LoadedBatch) -> tuple[dg.AssetsDefinition, BatchJob]:
     """The batch's results asset (graph-backed: its ops are the phases) and the job that
     materializes one partition of it per launch."""
-    from assets.results import results_asset_key
+    from assets.results import check_specs, results_asset_key
 
     spec = loaded.spec
     asset = dg.AssetsDefinition.from_graph(
         build_batch_graph(loaded),
         keys_by_output_name={"result": results_asset_key(spec.name)},
+        # Per-phase quality, red in the UI when a phase's failures put the run beyond
+        # tolerance; evaluated by the results op, or recorded by a run that fails or stops.
+        check_specs=check_specs(spec),
         partitions_def=BatchPartitions(name=spec.name),
         group_name="batches",
         descriptions_by_output_name={"result": f"Results of batch {spec.name}, per launch."},

@@ -325,9 +325,9 @@ def submit(name: str, partition: str | None, data: str | None, sets: tuple[str, 
 def print_summary(c: Any, run_id: str, as_json: bool) -> None:
     from batch_defs.watch import render_report
 
-    report = c.status(run_id)
+    report = c.status(run_id).as_dict()
     if as_json:
-        out.print_json(json.dumps(report, default=str))
+        click.echo(json.dumps(report, default=str, indent=2))
         return
     out.print(render_report(report))
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pandas as pd
@@ -50,7 +50,7 @@ from batch_defs.api.models import (
     RunStatus,
 )
 from batch_defs.launches import FOLDER, LaunchRecord, LaunchStore, launch_id, spawn_worker
-from batch_defs.ledger import SOURCE_PHASE, LeaseHolder, Ledger, PartitionRuns
+from batch_defs.ledger import LeaseHolder, Ledger, PartitionRuns
 from batch_defs.loader import (
     PACKAGE_BATCHES,
     Catalog,
@@ -62,6 +62,9 @@ from batch_defs.loader import (
     with_overrides,
 )
 from batch_defs.spec import BatchSpec
+
+if TYPE_CHECKING:
+    from batch_defs.watch import RunStatus as ShownStatus  # the CLI's view of a run
 
 DEFINITIONS = "batch_defs.definitions"
 SPECS_FOLDER = "batch_specs"  # spec objects given to create(), beside dagster.yaml
@@ -257,10 +260,12 @@ class BatchClient:
 
     # Reading
 
-    def status(self, run: str) -> dict[str, Any]:
-        from batch_defs.watch import run_report
+    def status(self, run: str) -> ShownStatus:
+        """The run's Dagster status, batch state, summary (counts in one vocabulary), live
+        progress (percent, ETA, current phase) and failed steps; `.as_dict()` for JSON."""
+        from batch_defs.watch import run_status
 
-        return run_report(self.instance, self.ledger, self.resolve(run).run_id)
+        return run_status(self.instance, self.ledger, self.resolve(run).run_id)
 
     def results(self, run: str, statuses: Sequence[str] = (),
                 phase: str | None = None) -> pd.DataFrame:
@@ -583,33 +588,36 @@ class BatchClient:
                 for ident, (name, key) in keys.items()]
 
     def _status_of_run(self, run_id: str, info: LaunchInfo | None) -> RunStatus:
-        report = self.status(run_id)
+        """The API's view of a run: the typed summary and live progress the CLI shows."""
+        shown = self.status(run_id)
         dagster_run = self.instance.get_run_by_id(run_id)
-        state = launch_state(dagster_run, report.get("state"))
-        run = self.ledger.run(run_id)
-        phases: list[str] = run["phases"] if run else []
-        per_phase = report.get("per_phase", {})
-        total = int(run["total_items"]) if run else 0
-        progress = run_progress(per_phase, phases, total, run, state)
+        state = launch_state(dagster_run, shown.state.value)
+        summary, progress = shown.summary, shown.progress or {}
+        counts = Counts(**{name: getattr(summary, name) for name in Counts.model_fields}) \
+            if summary else Counts()
+        per_phase = {phase: {status: n for status, n in tally.model_dump().items()
+                             if n and status != "reused"}
+                     for phase, tally in summary.per_phase.items()} if summary else {}
+        finished = state in (LaunchState.SUCCEEDED, LaunchState.FAILED,
+                             LaunchState.CANCELED, LaunchState.PAUSED)
         return RunStatus(
-            launch_id=info.id if info else launch_id(report.get("job") or "",
-                                                     report.get("partition") or ""),
-            run_id=run_id, batch=report.get("batch") or report.get("job"),
-            partition=report.get("partition"), state=state,
-            dagster_status=report.get("status"), total_items=total,
-            run_ended=dagster_run is None or dagster_run.is_finished,
-            counts=Counts(succeeded=report.get("succeeded", 0),
-                          invalid=report.get("invalid", 0),
-                          **{s: sum(c.get(s, 0) for p, c in per_phase.items()
-                                    if p != SOURCE_PHASE)
-                             for s in ("failed", "rejected", "skipped")}),
-            per_phase=per_phase, cost=report.get("cost", 0.0), tokens=report.get("tokens", 0),
-            duration_s=report.get("duration_s", 0.0), items_per_s=report.get("items_per_s", 0.0),
-            stop_reason=report.get("stop_reason"),
-            failures=[FailureExample(**{**f, "item_key": str(f["item_key"])})
-                      for f in report.get("failures", [])],
-            step_failures=report.get("step_failures", []), files=report.get("files", {}),
-            **progress)
+            launch_id=info.id if info else launch_id(shown.job or "", shown.partition or ""),
+            run_id=run_id, batch=(summary.batch if summary else None) or shown.job,
+            partition=shown.partition, state=state, dagster_status=shown.status,
+            total_items=summary.items if summary else 0,
+            items_done=int(progress.get("done") or 0), counts=counts, per_phase=per_phase,
+            percent=float(progress.get("percent") or (100.0 if finished and summary else 0.0)),
+            eta_s=progress.get("eta_s"),
+            current_phase=None if finished else progress.get("phase"),
+            cost=summary.cost if summary else 0.0, tokens=summary.tokens if summary else 0,
+            duration_s=summary.duration_s if summary else 0.0,
+            items_per_s=summary.items_per_s if summary else 0.0,
+            stop_reason=summary.stop_reason if summary else None,
+            failures=[FailureExample(item_key=f.item_key, phase=f.phase, status=f.status.value,
+                                     error=f.error) for f in (summary.failures if summary
+                                                              else [])],
+            step_failures=[f.model_dump() for f in shown.step_failures], files=shown.files,
+            run_ended=dagster_run is None or dagster_run.is_finished)
 
     def _delete_files(self, info: LaunchInfo, summaries: list[Any], run_ids: list[str]) -> int:
         """The partition's output folder, the files its after steps wrote and its runs'
@@ -705,38 +713,6 @@ def phase_outcome(row: dict[str, Any]) -> PhaseOutcome:
         tokens=int(row["tokens"] or 0),
         attempt_log=json.loads(row["attempt_log"]) if row["attempt_log"] else None,
         reused_from=row["reused_from"])
-
-
-def run_progress(per_phase: dict[str, dict[str, int]], phases: list[str], total: int,
-                 run: dict[str, Any] | None, state: LaunchState) -> dict[str, Any]:
-    """Percent, items done, current phase and ETA (at the run's average rate so far) from the
-    counts per phase and status."""
-    from batch_defs.progress import FINAL_FAILURES, summarize_counts
-
-    if not phases:
-        return {}
-    counts = {(phase, status): n for phase, by_status in per_phase.items()
-              for status, n in by_status.items()}
-    items_done, units, _, _ = summarize_counts(counts, phases, total)
-    units_total = total * len(phases)
-    current, stopped = None, 0
-    for phase in phases:
-        done = counts.get((phase, "succeeded"), 0) + stopped + sum(
-            counts.get((phase, s), 0) for s in FINAL_FAILURES)
-        stopped += sum(counts.get((phase, s), 0) for s in FINAL_FAILURES)
-        if done < total:
-            current = phase
-            break
-    eta = None
-    if state in (LaunchState.RUNNING, LaunchState.QUEUED) and run and units:
-        elapsed = time.time() - float(run["started_at"])
-        eta = round((units_total - units) / (units / elapsed), 1) if elapsed > 0 else None
-    elif units >= units_total:
-        eta = 0.0
-    return {"items_done": items_done,
-            "percent": round(100.0 * units / units_total, 2) if units_total else 100.0,
-            "current_phase": current if state not in (LaunchState.SUCCEEDED,) else None,
-            "eta_s": eta}
 
 
 def with_priority(launch: Launch, priority: int | None) -> Launch:

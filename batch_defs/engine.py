@@ -297,7 +297,7 @@ class RunEngine:
                                  self.live.rates.get(plan.spec.phases[i].name))
                        for i, h in enumerate(plan.handlers)]
         state = state or RunSnapshot()
-        self.failures = state.failed_items
+        self.failures = state.counted_failures
         self.cost, self.tokens = state.spent_cost, state.spent_tokens
         self.tolerated = 0  # set from the first chunk: a share of the whole batch
         self.tolerance_base = 0  # the items tolerated_failures is a share of

@@ -146,7 +146,7 @@ class RunSnapshot:
 
     exists: bool = False  # the run has its batch_run row
     stop: StopRequest | None = None
-    failed_items: int = 0
+    counted_failures: int = 0  # items failed, invalid or rejected so far in the run
     spent_cost: float = 0.0  # in the whole partition, across runs
     spent_tokens: int = 0
 
@@ -552,14 +552,6 @@ class Ledger:
                  .where(t.run_id == run_id).group_by(t.phase, t.status))
         with self.engine.connect() as conn:
             return {(phase, status): n for phase, status, n in conn.execute(query)}
-
-    def failed_items(self, run_id: str) -> int:
-        """Distinct items that failed, were invalid or rejected in any phase of the run."""
-        t = item_table.c
-        query = sa.select(sa.func.count(sa.distinct(t.item_key))).where(
-            t.run_id == run_id, t.status.in_(FAILURE_STATUSES))
-        with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar() or 0)
 
     def carry_invalid(self, run_id: str, lineage: Iterable[str]) -> int:
         """Copy the invalid source rows of the nearest earlier run in the lineage, when this

@@ -1,15 +1,27 @@
-"""Progress of a run from ledger counts: done/total, throughput over a moving window, ETA."""
+"""Progress of a run from ledger counts: done/total, percent, throughput and ETA over a moving
+window, and the current phase; phrased `450/1000 done (45%), 3 failed, 12.4 items/s, ETA 44s`.
+
+The ETA divides the work still to do by the pace of the last WINDOW_S seconds, in seconds of
+item work: each phase's remaining item-phases times that phase's mean item duration so far, so
+a slow first phase and a fast second one do not skew it (item-phases counted alike would).
+"""
 
 from __future__ import annotations
 
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from batch_defs.ledger import SOURCE_PHASE
+import sqlalchemy as sa
 
-FINAL_FAILURES = ("failed", "skipped", "rejected")
+from batch_defs.ledger import SOURCE_PHASE, Ledger, item_table
+from batch_defs.states import ItemStatus, SkipCause
+from batch_defs.summary import items_per_second
+
+WINDOW_S = 30.0
+STOPS = (ItemStatus.FAILED, ItemStatus.REJECTED, ItemStatus.SKIPPED)
 
 
 def format_duration(seconds: float) -> str:
@@ -21,69 +33,220 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-@dataclass(frozen=True)
-class Progress:
-    total_items: int
-    items_done: int  # items whose outcome is final: through the last phase, or stopped
-    units_done: int  # (item, phase) executions finished
-    units_total: int
-    failed: int
-    invalid: int
-    rate: float  # item-phase units per second over the window
-    eta_s: float | None
+@dataclass
+class PhaseTally:
+    """One phase's rows as progress needs them."""
+
+    statuses: dict[str, int] = field(default_factory=dict)  # status -> rows (reused too)
+    stops: int = 0  # rows that end their item here (failed, rejected, skipped but `when:`)
+    executed: int = 0  # rows this run executed itself
+    work_s: float = 0.0  # their summed durations
 
     @property
-    def fraction(self) -> float:
-        return self.units_done / self.units_total if self.units_total else 1.0
+    def rows(self) -> int:
+        return sum(self.statuses.values())
 
-    def tag(self) -> str:
-        eta = f" ETA {format_duration(self.eta_s)}" if self.eta_s is not None else ""
-        return f"{self.items_done}/{self.total_items} {self.fraction:.0%}{eta}"
+
+@dataclass
+class LiveCounts:
+    """A run's rows per phase, read in one grouped query."""
+
+    phases: dict[str, PhaseTally]
+    invalid: int = 0
+    first_started: float | None = None  # of the rows this run executed
+    last_finished: float | None = None
+
+    @property
+    def executed(self) -> int:
+        return sum(t.executed for t in self.phases.values())
+
+    @property
+    def work_s(self) -> float:
+        return sum(t.work_s for t in self.phases.values())
+
+    def status(self, status: str) -> int:
+        return sum(t.statuses.get(status, 0) for t in self.phases.values())
+
+
+def read_counts(ledger: Ledger, run_id: str, phases: list[str],
+                into: LiveCounts | None = None, after_id: int = 0) -> tuple[LiveCounts, int]:
+    """The run's rows with an id above `after_id`, added to `into`; and the highest id seen.
+
+    Rows only ever arrive (a rewritten row keeps its id and, but for rare retries, its
+    outcome), so a publisher reads only what is new since its last look; a full read
+    (after_id 0) is exact."""
+    t = item_table.c
+    ran = t.reused_from.is_(None)
+    passes = sa.or_(t.status == ItemStatus.SUCCEEDED.value,
+                    sa.and_(t.status == ItemStatus.SKIPPED.value,
+                            t.skip_cause == SkipCause.CONDITION.value))
+    query = (sa.select(t.phase, t.status, passes.label("passes"), ran.label("ran"),
+                       sa.func.count(), sa.func.coalesce(sa.func.sum(t.duration_s), 0.0),
+                       sa.func.min(t.started_at), sa.func.max(t.finished_at), sa.func.max(t.id))
+             .where(t.run_id == run_id, t.id > after_id).group_by(t.phase, t.status, passes, ran))
+    counts = into or LiveCounts({phase: PhaseTally() for phase in phases})
+    with ledger.engine.connect() as conn:
+        result = list(conn.execute(query))
+    last_id = max([after_id, *(row[-1] for row in result)])
+    for phase, status, passed, executed, n, work, first, last, _ in result:
+        if phase == SOURCE_PHASE:
+            counts.invalid += n
+            continue
+        tally = counts.phases.setdefault(phase, PhaseTally())
+        tally.statuses[status] = tally.statuses.get(status, 0) + n
+        tally.stops += 0 if passed else n
+        if executed:
+            tally.executed += n
+            tally.work_s += float(work)
+            if first is not None:
+                counts.first_started = min(first, counts.first_started or first)
+            if last is not None:
+                counts.last_finished = max(last, counts.last_finished or last)
+    return counts, last_id
+
+
+@dataclass(frozen=True)
+class Progress:
+    total_items: int  # valid and invalid
+    done: int  # items' worth of work finished: item-phases done over phases (stopped = done)
+    percent: float
+    failed: int
+    invalid: int
+    rejected: int
+    items_per_s: float
+    eta_s: float | None
+    phase: str | None  # the first phase with items still to run
+    finished: bool
 
     def line(self) -> str:
-        per_s = self.rate / max(1, self.units_total // max(1, self.total_items))
-        return (f"{self.tag()} | {per_s:.1f} items/s | failed {self.failed} | "
-                f"invalid {self.invalid}")
+        """`450/1000 done (45%), 3 failed, 12.4 items/s, ETA 44s, phase score`."""
+        parts = [f"{self.done}/{self.total_items} done ({self.percent:.0%})",
+                 f"{self.failed} failed"]
+        parts += [f"{n} {name}" for name, n in (("invalid", self.invalid),
+                                                ("rejected", self.rejected)) if n]
+        parts.append(f"{self.items_per_s:.1f} items/s")
+        if not self.finished:
+            parts.append(f"ETA {format_duration(self.eta_s)}" if self.eta_s is not None
+                         else "ETA ?")
+            if self.phase:
+                parts.append(f"phase {self.phase}")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"done": self.done, "total": self.total_items,
+                "percent": round(self.percent * 100, 1), "failed": self.failed,
+                "invalid": self.invalid, "rejected": self.rejected,
+                "items_per_s": self.items_per_s,
+                "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+                "phase": self.phase, "finished": self.finished, "line": self.line()}
 
 
-def summarize_counts(counts: Mapping[tuple[str, str], int], phases: list[str],
-                     total_items: int) -> tuple[int, int, int, int]:
-    """(items done, units done, failed items, invalid items) from (phase, status) counts."""
-    last = phases[-1]
-    stopped = sum(n for (phase, status), n in counts.items()
-                  if phase != SOURCE_PHASE and status in FINAL_FAILURES)
-    failed = sum(n for (phase, status), n in counts.items()
-                 if phase != SOURCE_PHASE and status == "failed")
-    invalid = counts.get((SOURCE_PHASE, "invalid"), 0)
-    units = 0
-    for index, phase in enumerate(phases):
-        units += counts.get((phase, "succeeded"), 0)
-        # An item that stopped in this phase will never run the later ones: count them done.
-        stopped_here = sum(counts.get((phase, s), 0) for s in FINAL_FAILURES)
-        units += stopped_here * (len(phases) - index)
-    return counts.get((last, "succeeded"), 0) + stopped, units, failed, invalid
+def starting_line(valid: int, invalid: int) -> str:
+    """The progress line of a run whose items are about to start."""
+    items = valid + invalid
+    share = invalid / items if items else 0.0
+    return f"{invalid}/{items} done ({share:.0%}), 0 failed" + (f", {invalid} invalid"
+                                                               if invalid else "")
+
+
+@dataclass
+class Remaining:
+    units: int  # item-phases still to run
+    work_s: float | None  # their expected seconds of item work; None: nothing to go by yet
+    phase: str | None
+
+
+def remaining(counts: LiveCounts, phases: list[str], total_items: int) -> Remaining:
+    executed = counts.executed
+    overall_mean = counts.work_s / executed if executed else None
+    units, work, current = 0, 0.0, None
+    stopped_before = 0
+    for phase in phases:
+        tally = counts.phases.get(phase, PhaseTally())
+        left = max(0, total_items - stopped_before - tally.rows)
+        stopped_before += tally.stops
+        if not left:
+            continue
+        current = current or phase
+        units += left
+        mean = tally.work_s / tally.executed if tally.executed else overall_mean
+        if mean is not None:
+            work += left * mean
+    return Remaining(units, work if overall_mean is not None else None, current)
 
 
 class ProgressWindow:
-    """Throughput over the last `window_s` seconds of samples."""
+    """Pace over the last `window_s` seconds: item-phases and seconds of item work done."""
 
-    def __init__(self, window_s: float = 30.0):
+    def __init__(self, window_s: float = WINDOW_S):
         self.window_s = window_s
-        self.samples: deque[tuple[float, int]] = deque()
+        self.samples: deque[tuple[float, int, float]] = deque()
 
-    def rate(self, units_done: int, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        self.samples.append((now, units_done))
-        while len(self.samples) > 2 and now - self.samples[0][0] > self.window_s:
+    def add(self, now: float, executed: int, work_s: float) -> tuple[float, float]:
+        """(item-phases per second, work seconds per second) over the window."""
+        self.samples.append((now, executed, work_s))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
             self.samples.popleft()
-        (t0, u0), (t1, u1) = self.samples[0], self.samples[-1]
-        return (u1 - u0) / (t1 - t0) if t1 > t0 else 0.0
+        (t0, u0, w0), (t1, u1, w1) = self.samples[0], self.samples[-1]
+        if t1 <= t0:
+            return 0.0, 0.0
+        return (u1 - u0) / (t1 - t0), (w1 - w0) / (t1 - t0)
 
-    def progress(self, counts: Mapping[tuple[str, str], int], phases: list[str],
-                 total_items: int) -> Progress:
-        items_done, units, failed, invalid = summarize_counts(counts, phases, total_items)
-        units_total = total_items * len(phases)
-        rate = self.rate(units)
-        remaining = max(0, units_total - units)
-        eta = remaining / rate if rate > 0 else (0.0 if remaining == 0 else None)
-        return Progress(total_items, items_done, units, units_total, failed, invalid, rate, eta)
+    def progress(self, counts: LiveCounts, phases: list[str], total_items: int,
+                 started_at: float | None = None, now: float | None = None) -> Progress:
+        """`started_at`: the run's start, for its own throughput once it has finished."""
+        now = time.time() if now is None else now
+        if not self.samples and counts.first_started is not None:
+            self.samples.append((counts.first_started, 0, 0.0))  # the pace from the start
+        unit_rate, work_rate = self.add(now, counts.executed, counts.work_s)
+        left = remaining(counts, phases, total_items)
+        units_total = total_items * max(1, len(phases))
+        fraction = 1.0 - left.units / units_total if units_total else 1.0
+        finished = left.units == 0
+        if finished:
+            # Ended: the run's own figure, the one its summary gives.
+            span = (counts.last_finished or now) - (started_at or counts.first_started or now)
+            rate = items_per_second(counts.executed, len(phases), span)
+            eta: float | None = 0.0
+        else:
+            rate = round(unit_rate / max(1, len(phases)), 2)
+            eta = (left.work_s / work_rate if left.work_s is not None and work_rate > 0
+                   else None)
+        # Invalid items are items of the run too, whose outcome was final at the fan-out.
+        items = total_items + counts.invalid
+        done = counts.invalid + total_items * fraction
+        return Progress(
+            total_items=items, done=int(done + 1e-9), percent=done / items if items else 1.0,
+            failed=counts.status(ItemStatus.FAILED), invalid=counts.invalid,
+            rejected=counts.status(ItemStatus.REJECTED), items_per_s=rate, eta_s=eta,
+            phase=left.phase, finished=finished)
+
+
+def read_progress(ledger: Ledger, run_id: str, window: ProgressWindow,
+                  run: Mapping[str, Any] | None = None) -> Progress | None:
+    """The run's progress now, or None before it has a batch_run row."""
+    return ProgressReader(window).read(ledger, run_id, run, full=True)
+
+
+class ProgressReader:
+    """Progress of one run, read again and again: each look reads only the rows that arrived
+    since the last one, so its cost does not grow with the run's size; `full` reads all."""
+
+    def __init__(self, window: ProgressWindow | None = None):
+        self.window = window or ProgressWindow()
+        self.counts: LiveCounts | None = None
+        self.last_id = 0
+
+    def read(self, ledger: Ledger, run_id: str, run: Mapping[str, Any] | None = None,
+             full: bool = False) -> Progress | None:
+        run = run or ledger.run(run_id)
+        if run is None:
+            return None
+        phases = list(run["phases"])
+        if full:
+            self.counts, self.last_id = None, 0
+        self.counts, self.last_id = read_counts(ledger, run_id, phases, self.counts,
+                                                self.last_id)
+        started = run.get("started_at")
+        return self.window.progress(self.counts, phases, int(run["total_items"]),
+                                    float(started) if started else None)

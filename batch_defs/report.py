@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,16 @@ import pandas as pd
 from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger
 from batch_defs.progress import format_duration
 from batch_defs.secrets import mask, register_run_config
+from batch_defs.summary import RESULTS_HINT, RunSummary
 
 FORMATS = ("html", "md", "csv", "json")
 SLOWEST = 10
 FAILED_SHOWN = 100  # failed items listed in html and md; json has them all, `results` too
+FAILED_TITLE = "Failed, invalid and rejected items"
 THROUGHPUT_BINS = 60
 HISTOGRAM_BINS = 30
 MIN_BIN_S = 0.25
-PHASE_COLUMNS = ["phase", "items", "succeeded", "failed", "skipped", "rejected", "invalid",
+PHASE_COLUMNS = ["phase", "items", "succeeded", "failed", "invalid", "rejected", "skipped",
                  "reused", "success_rate", "avg_s", "p95_s", "max_s", "cost", "tokens"]
 
 
@@ -91,7 +94,9 @@ def throughput_series(rows: pd.DataFrame, started_at: float | None = None,
     start = float(started_at) if started_at else float(ran["started_at"].min())
     span = max(float(finished.max()) - start, 1e-3)
     width = max(span / bins, MIN_BIN_S)
-    edges = np.append(np.arange(0.0, span, width), span)
+    edges = np.arange(0.0, span, width)
+    # arange may end a hair below span (float steps): that bin would have no width.
+    edges = np.append(edges[edges < span - width * 1e-6], span)
     lengths = np.diff(edges)
     per_phase = {}
     for phase in ran["phase"].unique():
@@ -189,18 +194,33 @@ def build_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
     run = ledger.run(run_id)
     rows = ledger.rows(run_id)
     phases = run["phases"] if run else [p for p in rows["phase"].unique() if p != SOURCE_PHASE]
+    return masked(with_analytics(report, rows, phases, run["started_at"] if run else None))
+
+
+def report_from_rows(summary: Mapping[str, Any], rows: pd.DataFrame, phases: list[str],
+                     status: str) -> dict[str, Any]:
+    """The same report from a run's summary and rows, where no instance is at hand (the
+    `report` after step, which runs before the run has ended: `status` says how far it is)."""
+    typed = RunSummary.model_validate(summary)
+    report = {**typed.as_dict(), "status": status, "state": "running", "files": {},
+              "step_failures": []}
+    started = typed.started_at.timestamp() if typed.started_at else None
+    return masked(with_analytics(report, rows, phases, started))
+
+
+def with_analytics(report: dict[str, Any], rows: pd.DataFrame, phases: list[str],
+                   started_at: float | None) -> dict[str, Any]:
     ran = executed(rows)
     failed = rows[rows["status"].isin(FAILURE_STATUSES)]
-    report.pop("failures", None)  # superseded by the complete list below
     report.update({
         "phases": phase_analytics(rows, phases),
         "executed_item_phases": len(ran),
         "slowest": _item_rows(ran.sort_values("duration_s", ascending=False).head(SLOWEST)),
-        "failed": _item_rows(failed),
-        "throughput": throughput_series(rows, run["started_at"] if run else None),
+        "failures": _item_rows(failed),  # every one (the summary's are the first ten)
+        "throughput": throughput_series(rows, started_at),
         "durations": duration_histogram(rows),
     })
-    return masked(report)
+    return report
 
 
 def masked(value: Any) -> Any:
@@ -263,16 +283,19 @@ def summary_pairs(report: dict[str, Any]) -> list[tuple[str, str]]:
              ("status", report["status"] + (f" ({report['state']})" if report.get("state")
                                              in ("paused", "canceled") else ""))]
     if "items" in report:
+        summary = RunSummary.model_validate(report)
         pairs += [
-            ("items", f"{report['items']}: {report['succeeded']} succeeded, "
-                      f"{report['failed_items']} failed or invalid, {report['skipped']} skipped"),
+            ("items", summary.counts_line()),
             ("executed item-phases", f"{report['executed_item_phases']} "
-                                     f"({report['reused']} rows reused from earlier runs)"),
-            ("duration", f"{report['duration_s']:.1f} s"),
-            ("throughput", f"{report['items_per_s']} items/s"),
-            ("cost", f"{report['cost']}"),
-            ("tokens", f"{report['tokens']}"),
+                                     f"({summary.reused} rows reused from earlier runs)"),
+            ("duration", f"{summary.duration_s:.1f} s"),
+            ("throughput", f"{summary.items_per_s:.1f} items/s"),
+            ("cost", summary.cost_line()),
         ]
+        if summary.tolerated_failures is not None:
+            pairs.append(("tolerated failures", f"{summary.tolerated_failures} (failed + "
+                                                f"invalid + rejected: "
+                                                f"{summary.counted_failures})"))
     if report.get("stop_reason"):
         pairs.append(("stopped", report["stop_reason"]))
     pairs += [(name, str(path)) for name, path in report.get("files", {}).items()]
@@ -280,14 +303,14 @@ def summary_pairs(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _phase_cells(row: dict[str, Any]) -> list[str]:
-    return [row["phase"], str(row["items"]), str(row["succeeded"]),
-            str(row["failed"] + row["rejected"] + row["invalid"]), str(row["skipped"]),
+    return [row["phase"], str(row["items"]),
+            *(str(row[s]) for s in ("succeeded", "failed", "invalid", "rejected", "skipped")),
             _rate(row["success_rate"]), _seconds(row["avg_s"]), _seconds(row["p95_s"]),
             f"{row['cost']:.6g}", str(row["tokens"])]
 
 
-PHASE_HEADER = ["phase", "rows", "succeeded", "failed", "skipped", "success rate", "avg",
-                "p95", "cost", "tokens"]
+PHASE_HEADER = ["phase", "rows", "succeeded", "failed", "invalid", "rejected", "skipped",
+                "success rate", "avg", "p95", "cost", "tokens"]
 ITEM_HEADER = ["item", "phase", "status", "attempts", "duration", "error"]
 
 
@@ -322,6 +345,8 @@ def render_md(report: dict[str, Any], out: Path | None = None) -> str:
     if report.get("phases"):
         parts += ["", "## Phases", "",
                   _md_table(PHASE_HEADER, [_phase_cells(r) for r in report["phases"]])]
+    # What went wrong comes before the figures.
+    parts += _md_items(FAILED_TITLE, report.get("failures", []), FAILED_SHOWN, report["run_id"])
     if out is not None:
         images = {"throughput": throughput_png(report["throughput"]),
                   "durations": durations_png(report["durations"])}
@@ -334,7 +359,6 @@ def render_md(report: dict[str, Any], out: Path | None = None) -> str:
         if written:
             parts += ["", "## Charts", "", *written]
     parts += _md_items("Slowest items", report.get("slowest", []), SLOWEST)
-    parts += _md_items("Failed items", report.get("failed", []), FAILED_SHOWN, report["run_id"])
     if report.get("step_failures"):
         parts += ["", "## Failed steps", "",
                   _md_table(["step", "error"],
@@ -348,9 +372,9 @@ def _md_items(title: str, rows: list[dict[str, Any]], limit: int,
         return []
     parts = ["", f"## {title} ({len(rows)})", "",
              _md_table(ITEM_HEADER, [_item_cells(r) for r in rows[:limit]])]
-    if run_id and len(rows) > limit:
-        parts += ["", f"All of them: `batch-defs results {run_id} --status failed,invalid,"
-                      "rejected`"]
+    if run_id:
+        shown = f"The first {limit} of {len(rows)}; all" if len(rows) > limit else "All"
+        parts += ["", f"{shown} of them: `{RESULTS_HINT.format(run_id=run_id)}`"]
     return parts
 
 
@@ -381,6 +405,19 @@ def css_token(text: str) -> str:
     return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in text)
 
 
+def _html_items(title: str, rows: list[dict[str, Any]], limit: int,
+                run_id: str | None = None) -> list[str]:
+    if not rows:
+        return []
+    parts = [f"<h2>{title} ({len(rows)})</h2>",
+             _html_table(ITEM_HEADER, [_item_cells(r) for r in rows[:limit]], 5)]
+    if run_id:
+        shown = f"The first {limit} of {len(rows)}; all" if len(rows) > limit else "All"
+        hint = html.escape(RESULTS_HINT.format(run_id=run_id))
+        parts.append(f"<p>{shown} of them: <code>{hint}</code></p>")
+    return parts
+
+
 def render_html(report: dict[str, Any]) -> str:
     """One self-contained page: charts are PNGs inlined as data URIs."""
     title = html.escape(_title(report))
@@ -394,21 +431,15 @@ def render_html(report: dict[str, Any]) -> str:
     if report.get("phases"):
         parts += ["<h2>Phases</h2>",
                   _html_table(PHASE_HEADER, [_phase_cells(r) for r in report["phases"]])]
+    parts += _html_items(FAILED_TITLE, report.get("failures", []), FAILED_SHOWN,
+                         report["run_id"])
     charts = [(name, png) for name, png in (
         ("throughput", throughput_png(report["throughput"])),
         ("durations", durations_png(report["durations"]))) if png]
     if charts:
         parts.append("<h2>Charts</h2>")
         parts += [f"<img alt='{name}' src='{data_uri(png)}'>" for name, png in charts]
-    for heading, rows, limit in (("Slowest items", report.get("slowest", []), SLOWEST),
-                                 ("Failed items", report.get("failed", []), FAILED_SHOWN)):
-        if rows:
-            parts += [f"<h2>{heading} ({len(rows)})</h2>",
-                      _html_table(ITEM_HEADER, [_item_cells(r) for r in rows[:limit]], 5)]
-            if len(rows) > limit:
-                parts.append("<p>All of them: <code>batch-defs results "
-                             f"{html.escape(report['run_id'])} --status failed,invalid,rejected"
-                             "</code></p>")
+    parts += _html_items("Slowest items", report.get("slowest", []), SLOWEST)
     if report.get("step_failures"):
         parts += ["<h2>Failed steps</h2>",
                   _html_table(["step", "error"], [[f["step"], f["error"]]

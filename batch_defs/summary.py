@@ -1,46 +1,210 @@
-"""A run's summary from its ledger rows: counts, timings, throughput, cost, failures."""
+"""A run's summary from its ledger rows: one vocabulary of counts, one throughput, the cost.
+
+Every surface (CLI, reports, the results asset, notifications, the API) shows these fields
+under these names:
+
+- items: every item of the run's source, valid or not; each has exactly one outcome:
+  succeeded, failed, invalid, rejected, skipped, or pending (not finished yet). "failed" is
+  an item whose handler failed, never an invalid or rejected one.
+- items_per_s: item-phases finished per second divided by the number of phases (items' worth
+  of work per second). The summary takes it over the whole run; live progress over a moving
+  window, and the run's own figure once it has ended.
+- cost/tokens: what the partition has spent up to this run (what options.budget counts);
+  run_cost/run_tokens: what this run's own executions spent.
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
-from batch_defs.ledger import FAILURE_STATUSES, SOURCE_PHASE, Ledger
+import pandas as pd
+import sqlalchemy as sa
+from pydantic import BaseModel, Field
+
+from batch_defs.ledger import SOURCE_PHASE, Ledger, item_table, run_table
+from batch_defs.states import FAILURE_STATUSES, ItemStatus, SkipCause
+
+OUTCOMES = ("succeeded", "failed", "invalid", "rejected", "skipped", "pending")
+RESULTS_HINT = "batch-defs results {run_id} --status failed,invalid,rejected"
+
+
+class PhaseCounts(BaseModel):
+    """One phase's item-phases by status; pending ones are expected here but not finished."""
+
+    succeeded: int = 0
+    failed: int = 0
+    invalid: int = 0  # only in the source pseudo-phase
+    rejected: int = 0
+    skipped: int = 0
+    pending: int = 0
+    reused: int = 0  # of the above, carried over from earlier runs of the partition
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.invalid + self.rejected + self.skipped
+
+    @property
+    def success_rate(self) -> float | None:
+        return round(self.succeeded / self.finished, 4) if self.finished else None
+
+
+class ItemFailure(BaseModel):
+    """An item that failed, was invalid or was rejected, and why."""
+
+    item_key: str
+    phase: str
+    status: ItemStatus
+    attempts: int = 0
+    error: str | None = None
+
+
+class RunSummary(BaseModel):
+    """A run's outcome; its dict form (`as_dict`) travels between steps and into the ledger."""
+
+    run_id: str
+    batch: str | None = None
+    partition: str | None = None
+    items: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    invalid: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    pending: int = 0
+    reused: int = 0  # item-phase rows carried over from earlier runs
+    executed: int = 0  # item-phases this run executed itself
+    per_phase: dict[str, PhaseCounts] = Field(default_factory=dict)
+    started_at: datetime | None = None
+    duration_s: float = 0.0
+    items_per_s: float = 0.0
+    cost: float = 0.0
+    tokens: int = 0
+    run_cost: float = 0.0
+    run_tokens: int = 0
+    stop_reason: str | None = None
+    tolerated_failures: int | None = None
+    failures: list[ItemFailure] = Field(default_factory=list)  # the first ones, source order
+    after: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @property
+    def counted_failures(self) -> int:
+        """failed + invalid + rejected: what tolerated_failures is judged against."""
+        return self.failed + self.invalid + self.rejected
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.tolerated_failures is None or self.counted_failures <= self.tolerated_failures
+
+    def counts(self) -> dict[str, int]:
+        """The outcome counts under their one set of names (pending only while unfinished)."""
+        counts = {"items": self.items, **{name: getattr(self, name) for name in OUTCOMES}}
+        if not self.pending:
+            counts.pop("pending")
+        return counts
+
+    def counts_line(self) -> str:
+        """`40 items: 35 succeeded, 2 failed, 1 invalid, 1 rejected, 1 skipped`."""
+        parts = [f"{n} {name}" for name, n in self.counts().items() if name != "items"]
+        return f"{self.items} items: " + ", ".join(parts)
+
+    def cost_line(self) -> str:
+        return (f"{self.cost:.6g} spent on the partition ({self.tokens} tokens); this run "
+                f"{self.run_cost:.6g} ({self.run_tokens} tokens)")
+
+    def results_hint(self) -> str:
+        return RESULTS_HINT.format(run_id=self.run_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
 def summarize_run(ledger: Ledger, run_id: str, failed_examples: int = 10,
-                  run: dict[str, Any] | None = None) -> dict[str, Any]:
+                  run: dict[str, Any] | None = None) -> RunSummary:
     """`run`: the run's batch_run row when the caller has just read it."""
     run = run or ledger.run(run_id) or {"phases": [], "total_items": 0}
     phases: list[str] = run["phases"]
     rows = ledger.rows(run_id, light=True)
-    counts = {key: int(n) for key, n in rows.groupby(["phase", "status"]).size().items()}
-    invalid = counts.get((SOURCE_PHASE, "invalid"), 0)
-    executed = rows[(rows["phase"] != SOURCE_PHASE) & rows["reused_from"].isna()]
+    per_phase, outcomes = classify(rows, phases, int(run["total_items"]))
+    ran = rows[(rows["phase"] != SOURCE_PHASE) & rows["reused_from"].isna()]
     started = float(run.get("started_at") or 0.0)
-    finished = float(executed["finished_at"].max()) if len(executed) else started
+    finished = float(ran["finished_at"].max()) if ran["finished_at"].notna().any() else started
     duration = max(0.0, finished - started)
-    succeeded = counts.get((phases[-1], "succeeded"), 0) if phases else 0
-    failures = rows[rows["status"].isin(FAILURE_STATUSES)]
-    return {
-        "run_id": run_id,
-        "batch": run.get("batch"),
-        "partition": run.get("partition"),
-        "items": int(run["total_items"]) + invalid,
-        "succeeded": succeeded,
-        "failed_items": int(failures["item_key"].nunique()),
-        "invalid": invalid,
-        "skipped": int((rows["status"] == "skipped").sum()),
-        "reused": int(rows["reused_from"].notna().sum()),
-        "per_phase": {p: {s: n for (ph, s), n in sorted(counts.items()) if ph == p}
-                      for p in [SOURCE_PHASE, *phases] if p != SOURCE_PHASE or invalid},
-        "duration_s": round(duration, 3),
-        "items_per_s": round(len(executed) / max(1, len(phases)) / duration, 2)
-        if duration else 0.0,
-        "cost": round(float(rows["cost"].sum()), 6),
-        "tokens": int(rows["tokens"].sum()),
-        "stop_reason": run.get("stop_reason"),
-        "failures": [
-            {"item_key": r.item_key, "phase": r.phase, "status": r.status, "error": r.error}
-            for r in failures.head(failed_examples).itertuples()
-        ],
-    }
+    spent_cost, spent_tokens = partition_spend(ledger, run_id, run)
+    failures = rows[rows["status"].isin(FAILURE_STATUSES)].head(failed_examples)
+    return RunSummary(
+        run_id=run_id, batch=run.get("batch"), partition=run.get("partition"),
+        items=sum(outcomes.values()), **outcomes,
+        reused=int(rows["reused_from"].notna().sum()), executed=len(ran),
+        per_phase=per_phase, duration_s=round(duration, 3),
+        started_at=datetime.fromtimestamp(started, UTC) if started else None,
+        items_per_s=items_per_second(len(ran), len(phases), duration),
+        cost=round(spent_cost, 6), tokens=spent_tokens,
+        run_cost=round(float(ran["cost"].sum()), 6), run_tokens=int(ran["tokens"].sum()),
+        stop_reason=run.get("stop_reason"),
+        failures=[ItemFailure(item_key=str(r.item_key), phase=str(r.phase),
+                              status=ItemStatus(r.status), attempts=int(r.attempts),
+                              error=r.error) for r in failures.itertuples()],
+        after=(run.get("summary") or {}).get("after", {}),
+    )
+
+
+def items_per_second(item_phases: float, phases: int, seconds: float) -> float:
+    """THE throughput figure: item-phases finished per second over the number of phases."""
+    return round(item_phases / max(1, phases) / seconds, 2) if seconds > 0 else 0.0
+
+
+def classify(rows: pd.DataFrame, phases: list[str],
+             total_items: int) -> tuple[dict[str, PhaseCounts], dict[str, int]]:
+    """Counts per phase and status, and each item's one outcome.
+
+    An item's outcome is its first status that stops it (failed, rejected, or a skip that
+    is not a `when:` condition), else the status of its row in the last phase; an item
+    without that is pending. Invalid items never reached a phase.
+    """
+    source = rows[rows["phase"] == SOURCE_PHASE]
+    work = rows[rows["phase"].isin(phases)]
+    index = work["phase"].map({phase: i for i, phase in enumerate(phases)})
+    passes = (work["status"] == ItemStatus.SUCCEEDED) | (
+        (work["status"] == ItemStatus.SKIPPED) & (work["skip_cause"] == SkipCause.CONDITION))
+    stopped = work[~passes].assign(index=index[~passes]).sort_values("index")
+    stopped = stopped.drop_duplicates("item_key")
+    through = work[passes & (index == len(phases) - 1)] if phases else work.iloc[0:0]
+    through = through[~through["item_key"].isin(stopped["item_key"])]
+    outcomes = {name: 0 for name in OUTCOMES}
+    for status, n in stopped["status"].value_counts().items():
+        outcomes[str(status)] += int(n)
+    for status, n in through["status"].value_counts().items():
+        outcomes[str(status)] += int(n)
+    outcomes["invalid"] = int(source["item_key"].nunique())
+    outcomes["pending"] = max(0, total_items - len(stopped) - len(through))
+    per_phase: dict[str, PhaseCounts] = {}
+    if len(source):
+        per_phase[SOURCE_PHASE] = PhaseCounts(invalid=len(source),
+                                              reused=int(source["reused_from"].notna().sum()))
+    for i, phase in enumerate(phases):
+        part = work[work["phase"] == phase]
+        counts = {str(s): int(n) for s, n in part["status"].value_counts().items()}
+        expected = total_items - int((stopped["index"] < i).sum())
+        per_phase[phase] = PhaseCounts(**counts, pending=max(0, expected - len(part)),
+                                       reused=int(part["reused_from"].notna().sum()))
+    return per_phase, outcomes
+
+
+def partition_spend(ledger: Ledger, run_id: str, run: dict[str, Any]) -> tuple[float, int]:
+    """Cost and tokens of every execution in the run's partition by this run and the runs
+    that started before it: the spend a budget counts (rows carried over are not paid twice)."""
+    t, r = item_table.c, run_table.c
+    runs = [run_id]
+    if run.get("batch") is not None:
+        earlier = sa.select(r.run_id).where(r.batch == run["batch"],
+                                            r.partition == run["partition"],
+                                            r.started_at <= run["started_at"])
+        with ledger.engine.connect() as conn:
+            runs += [row[0] for row in conn.execute(earlier)]
+    query = sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0),
+                      sa.func.coalesce(sa.func.sum(t.tokens), 0)).where(
+        t.run_id.in_(sorted(set(runs))), t.reused_from.is_(None))
+    with ledger.engine.connect() as conn:
+        cost, tokens = conn.execute(query).one()
+    return float(cost), int(tokens)

@@ -1,4 +1,4 @@
-"""Live progress bars and run reports for the CLI, read from the ledger and the instance."""
+"""Live progress bars and run status for the CLI, read from the ledger and the instance."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+from pydantic import BaseModel, Field
 from rich.console import Console, Group
 from rich.progress import (
     BarColumn,
@@ -21,16 +22,17 @@ from rich.text import Text
 
 from batch_defs.control import effective_state
 from batch_defs.ledger import Ledger
-from batch_defs.progress import FINAL_FAILURES, ProgressWindow, format_duration
+from batch_defs.progress import PhaseTally, ProgressWindow, read_counts
 from batch_defs.secrets import mask
 from batch_defs.states import RunState
-from batch_defs.summary import summarize_run
+from batch_defs.summary import RunSummary, summarize_run
 
 REFRESH_S = 0.5
+PHASE_COLUMNS = ("succeeded", "failed", "invalid", "rejected", "skipped", "pending")
 
 
 class RunBars:
-    """One bar per phase plus a line with throughput (moving window) and ETA."""
+    """One bar per phase plus an `all` bar with the progress line (moving window, ETA)."""
 
     def __init__(self, console: Console):
         self.progress = Progress(
@@ -41,26 +43,24 @@ class RunBars:
         self.tasks: dict[str, TaskID] = {}
         self.window = ProgressWindow()
 
-    def update(self, run: dict[str, Any], counts: dict[tuple[str, str], int]) -> None:
+    def update(self, ledger: Ledger, run: dict[str, Any]) -> None:
         phases, total = run["phases"], run["total_items"]
+        counts, _ = read_counts(ledger, run["run_id"], phases)
         stopped_before = 0
         for phase in phases:
+            tally = counts.phases.get(phase, PhaseTally())
             if phase not in self.tasks:
                 self.tasks[phase] = self.progress.add_task(phase, total=total, detail="")
-            ok = counts.get((phase, "succeeded"), 0)
-            stopped = sum(counts.get((phase, s), 0) for s in FINAL_FAILURES)
-            failed = counts.get((phase, "failed"), 0)
-            self.progress.update(self.tasks[phase], completed=ok + stopped + stopped_before,
+            failed = tally.statuses.get("failed", 0)
+            self.progress.update(self.tasks[phase], completed=tally.rows + stopped_before,
                                  detail=f"[red]{failed} failed[/red]" if failed else "")
-            stopped_before += stopped
-        overall = self.window.progress(counts, phases, total)
-        eta = format_duration(overall.eta_s) if overall.eta_s is not None else "?"
-        per_item = max(1, len(phases))
-        line = f"{overall.rate / per_item:.1f} items/s  ETA {eta}"
+            stopped_before += tally.stops
+        overall = self.window.progress(counts, phases, total, run.get("started_at"))
         if "all" not in self.tasks:
-            self.tasks["all"] = self.progress.add_task("all", total=overall.units_total,
+            self.tasks["all"] = self.progress.add_task("all", total=overall.total_items,
                                                        detail="")
-        self.progress.update(self.tasks["all"], completed=overall.units_done, detail=line)
+        self.progress.update(self.tasks["all"], total=overall.total_items,
+                             completed=overall.done, detail=overall.line())
 
 
 def _find_run(ledger: Ledger, batch: str, partition: str, since: float) -> dict | None:
@@ -79,44 +79,102 @@ def watch_run(ledger: Ledger, batch: str, partition: str, launched: float,
             finished = done.wait(REFRESH_S)
             run = run or _find_run(ledger, batch, partition, launched)
             if run is not None:
-                bars.update(run, ledger.counts(run["run_id"]))
+                bars.update(ledger, run)
             if finished:
                 return
 
 
 def follow_run(instance: Any, ledger: Ledger, run_id: str, console: Console) -> None:
-    """Bars for any run (another process, the daemon) until Dagster says it has ended."""
+    """Bars for any run (another process, the daemon) until Dagster says it has ended; a run
+    still in the queue says so (and why it may stay there) instead of a blank screen."""
+    from batch_defs.control import daemon_running
+
+    waiting = None
+    while ledger.run(run_id) is None:
+        dagster_run = instance.get_run_by_id(run_id)
+        if dagster_run is None or dagster_run.is_finished:
+            return
+        status = dagster_run.status.value.lower()
+        if status != waiting:
+            waiting = status
+            hint = ("" if status != "queued" or daemon_running(instance) else
+                    ": no dagster-daemon is running for this instance, so it stays queued "
+                    "until one starts (`make ui` or `dagster-daemon run`)")
+            console.print(Text(f"run {run_id[:8]} is {status}{hint}"))
+        time.sleep(REFRESH_S)
     bars = RunBars(console)
     with bars.progress:
         while True:
             dagster_run = instance.get_run_by_id(run_id)
             run = ledger.run(run_id)
             if run is not None:
-                bars.update(run, ledger.counts(run_id))
+                bars.update(ledger, run)
             if dagster_run is None or dagster_run.is_finished:
                 return
             time.sleep(REFRESH_S)
 
 
-def run_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
+class StepFailure(BaseModel):
+    step: str
+    error: str
+
+
+class RunStatus(BaseModel):
+    """A run as the CLI and the API show it: Dagster's status, the batch's state, the summary
+    (one vocabulary of counts), live progress while it runs, files and failed steps."""
+
+    run_id: str
+    status: str  # Dagster's run status: QUEUED, STARTED, SUCCESS, FAILURE, CANCELED, ...
+    state: RunState
+    job: str | None = None
+    partition: str | None = None
+    summary: RunSummary | None = None
+    progress: dict[str, Any] | None = None  # done, total, percent, eta_s, phase, line
+    files: dict[str, str] = Field(default_factory=dict)
+    step_failures: list[StepFailure] = Field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat: the summary's fields beside the run's (what `status --json` prints)."""
+        data = self.summary.as_dict() if self.summary else {}
+        data.update(self.model_dump(mode="json", exclude={"summary"}))
+        if self.summary:
+            data["partition"] = self.summary.partition or self.partition
+        return data
+
+
+def run_status(instance: Any, ledger: Ledger, run_id: str) -> RunStatus:
     dagster_run = instance.get_run_by_id(run_id)
     run = ledger.run(run_id)
-    report: dict[str, Any] = summarize_run(ledger, run_id) if run else {"run_id": run_id}
+    summary = summarize_run(ledger, run_id, run=run) if run else None
     saved = (run or {}).get("summary") or {}
-    report["files"] = {f"{step}.{key}": value for step, produced in saved.get("after", {}).items()
-                       for key, value in produced.items()}
-    report["status"] = dagster_run.status.value if dagster_run else "UNKNOWN"
-    report["job"] = dagster_run.job_name if dagster_run else None
+    if summary is not None and saved.get("tolerated_failures") is not None:
+        summary.tolerated_failures = saved["tolerated_failures"]
     recorded = run["status"] if run else (dagster_run.tags.get("batch/state")
                                            if dagster_run else None)
-    report["state"] = effective_state(dagster_run, recorded).value
-    if dagster_run and "partition" not in report:
-        report["partition"] = dagster_run.tags.get("dagster/partition")
-    report["step_failures"] = step_failures(instance, run_id)
-    return report
+    progress = None
+    if run is not None:
+        from batch_defs.progress import read_progress
+
+        live = read_progress(ledger, run_id, ProgressWindow(), run)
+        progress = live.as_dict() if live else None
+    return RunStatus(
+        run_id=run_id, status=dagster_run.status.value if dagster_run else "UNKNOWN",
+        state=effective_state(dagster_run, recorded),
+        job=dagster_run.job_name if dagster_run else None,
+        partition=(run or {}).get("partition") or (dagster_run.tags.get("dagster/partition")
+                                                    if dagster_run else None),
+        summary=summary, progress=progress,
+        files={f"{step}.{key}": str(value) for step, produced in saved.get("after", {}).items()
+               for key, value in produced.items()},
+        step_failures=step_failures(instance, run_id))
 
 
-def step_failures(instance: Any, run_id: str) -> list[dict[str, str]]:
+def run_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
+    """The run's status as plain data (reports build on it)."""
+    return run_status(instance, ledger, run_id).as_dict()
+
+
+def step_failures(instance: Any, run_id: str) -> list[StepFailure]:
     """Why steps failed (source unreadable, fail-fast, too many failures), from the event log."""
     import dagster as dg
 
@@ -130,8 +188,8 @@ def step_failures(instance: Any, run_id: str) -> list[dict[str, str]]:
             message = f"{data.error.cls_name}: {data.error.message.strip()}"
         else:
             message = "failed"
-        failures.append({"step": record.step_key or "",
-                         "error": mask(message.splitlines()[0] if message else "failed")})
+        failures.append(StepFailure(step=record.step_key or "",
+                                    error=mask(message.splitlines()[0] if message else "failed")))
     return failures
 
 
@@ -146,12 +204,13 @@ def _step_failure_table(failures: list[dict[str, str]]) -> list[Table]:
 
 
 def render_report(report: dict[str, Any]) -> Group:
+    """`status`'s output from RunStatus.as_dict(): summary, phases, first failures, hint."""
     head = Table.grid(padding=(0, 2))
     head.add_column(no_wrap=True)
     head.add_column(overflow="fold")
     head.add_row("run", report["run_id"])
     head.add_row("batch / partition", Text(f"{report.get('batch') or report.get('job')} / "
-                                           f"{report.get('partition', '-')}"))
+                                           f"{report.get('partition') or '-'}"))
     color = "green" if report["status"] == "SUCCESS" else "red"
     state = f" ({report['state']})" if report.get("state") in (RunState.PAUSED,
                                                                RunState.CANCELED) else ""
@@ -159,27 +218,29 @@ def render_report(report: dict[str, Any]) -> Group:
     errors = _step_failure_table(report.get("step_failures", []))
     if "items" not in report:
         return Group(head, *errors)
-    head.add_row("items", f"{report['items']} ({report['succeeded']} succeeded, "
-                          f"{report['failed_items']} failed or invalid, "
-                          f"{report['skipped']} skipped, {report['reused']} reused rows)")
-    head.add_row("duration", f"{report['duration_s']:.1f}s, {report['items_per_s']} items/s")
-    if report["cost"] or report["tokens"]:
-        head.add_row("cost", f"{report['cost']} ({report['tokens']} tokens)")
+    summary = RunSummary.model_validate(report)
+    head.add_row("items", Text(summary.counts_line()))
+    progress = report.get("progress") or {}
+    if summary.pending and progress:
+        head.add_row("progress", Text(progress["line"]))
+    head.add_row("duration", f"{summary.duration_s:.1f}s, {summary.items_per_s:.1f} items/s")
+    if summary.cost or summary.tokens:
+        head.add_row("cost", Text(summary.cost_line()))
     for name, path in report.get("files", {}).items():
         head.add_row(Text(name), Text(str(path)))
-    if report.get("stop_reason"):
-        head.add_row("stopped", Text(report["stop_reason"]))
-    phases = Table("phase", "succeeded", "failed", "skipped", "invalid", title=None)
-    for phase, counts in report["per_phase"].items():
-        phases.add_row(phase, *(str(counts.get(s, 0)) for s in
-                                ("succeeded", "failed", "skipped", "invalid")))
+    if summary.stop_reason:
+        head.add_row("stopped", Text(summary.stop_reason))
+    phases = Table("phase", *PHASE_COLUMNS, title=None)
+    for phase, counts in summary.per_phase.items():
+        phases.add_row(Text(phase), *(str(getattr(counts, s)) for s in PHASE_COLUMNS))
     parts: list[Any] = [head, phases, *errors]
-    if report["failures"]:
-        failures = Table("item", "phase", "status", "error", title="first failures")
-        failures.columns[3].overflow = "fold"
-        for f in report["failures"]:
-            failures.add_row(Text(str(f["item_key"])), Text(f["phase"]), f["status"],
-                             Text(str(f["error"])))
+    if summary.failures:
+        failures = Table("item", "phase", "status", "attempts", "error",
+                         title="first failed, invalid and rejected items")
+        failures.columns[4].overflow = "fold"
+        for f in summary.failures:
+            failures.add_row(Text(f.item_key), Text(f.phase), f.status.value, str(f.attempts),
+                             Text(str(f.error or "")))
         parts.append(failures)
-        parts.append(f"all rows: batch-defs results {report['run_id']} --status failed")
+        parts.append(Text(f"all of them: {summary.results_hint()}"))
     return Group(*parts)

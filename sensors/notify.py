@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from batch_defs.env import MissingVariableError, expand_env
+from batch_defs.summary import RunSummary
 
 log = logging.getLogger("batch_defs.notify")
 
@@ -20,14 +21,17 @@ def webserver_url() -> str:
 
 
 def payload(batch: str, partition: str | None, run_id: str, status: str, event: str,
-            summary: dict[str, Any] | None) -> dict[str, Any]:
-    summary = summary or {}
-    counts = {k: summary.get(k) for k in ("items", "succeeded", "failed_items", "invalid",
-                                         "skipped")}
+            summary: RunSummary | None) -> dict[str, Any]:
+    """What every notification says: the counts under the summary's names (items,
+    succeeded, failed, invalid, rejected, skipped), cost, duration and where to look."""
+    summary = summary or RunSummary(run_id=run_id)
     return {"batch": batch, "partition": partition, "run_id": run_id, "status": status,
-            "event": event, "counts": counts, "cost": summary.get("cost", 0.0),
-            "tokens": summary.get("tokens", 0), "duration_s": summary.get("duration_s"),
-            "stop_reason": summary.get("stop_reason"),
+            "event": event, "counts": summary.counts(), "cost": summary.cost,
+            "run_cost": summary.run_cost, "tokens": summary.tokens,
+            "duration_s": summary.duration_s, "items_per_s": summary.items_per_s,
+            "stop_reason": summary.stop_reason,
+            "failures": [f.model_dump(mode="json") for f in summary.failures],
+            "all_failures": summary.results_hint(),
             "url": f"{webserver_url()}/runs/{run_id}"}
 
 
@@ -37,15 +41,20 @@ def email_message(data: dict[str, Any], sender: str, recipients: list[str]) -> E
     message["From"] = sender
     message["To"] = ", ".join(recipients)
     message["Subject"] = (f"[batch] {data['batch']} {data['partition']}: {data['event']} "
-                          f"({counts['succeeded'] or 0}/{counts['items'] or 0} succeeded)")
+                          f"({counts['succeeded']}/{counts['items']} succeeded)")
     lines = [f"Batch {data['batch']}, partition {data['partition']}: {data['event']} "
              f"(Dagster status {data['status']}).", ""]
     lines += [f"{name}: {value}" for name, value in counts.items()]
-    lines += [f"cost: {data['cost']}", f"tokens: {data['tokens']}",
-              f"duration_s: {data['duration_s']}"]
+    lines += [f"cost: {data['cost']} (this run: {data['run_cost']})",
+              f"tokens: {data['tokens']}", f"duration_s: {data['duration_s']}",
+              f"items_per_s: {data['items_per_s']}"]
     if data["stop_reason"]:
         lines.append(f"stopped: {data['stop_reason']}")
-    lines += ["", f"Run: {data['url']}", f"Items: batch-defs results {data['run_id']}"]
+    if data["failures"]:
+        lines += ["", "First failed, invalid and rejected items:"]
+        lines += [f"  {f['item_key']} ({f['phase']}, {f['status']}): {f['error'] or ''}"
+                  for f in data["failures"]]
+    lines += ["", f"Run: {data['url']}", f"All of them: {data['all_failures']}"]
     message.set_content("\n".join(lines))
     return message
 

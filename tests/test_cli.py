@@ -38,7 +38,7 @@ def test_run_within_tolerance_succeeds_and_records_every_item(env: dict[str, str
     scoring_batch(batch_dir, fail_keys=[5, 17], tolerated=2)
     done = cli(env, "run", "scoring", "--partition", "2026-11")
     assert done.returncode == 0, done.stderr
-    assert "SUCCESS" in done.stdout and "40 (38 succeeded, 2 failed or invalid" in done.stdout
+    assert "SUCCESS" in done.stdout and "40 items: 38 succeeded, 2 failed, 0 invalid" in done.stdout
     assert "score" in done.stderr and "40/40" in done.stderr  # the live progress bars
     run_id = run_id_of(done.stdout)
 
@@ -56,9 +56,9 @@ def test_run_within_tolerance_succeeds_and_records_every_item(env: dict[str, str
     assert statuses[("6", "publish")] == "succeeded"
 
     status = json.loads(cli(env, "status", run_id[:8], "--json").stdout)
-    assert status["status"] == "SUCCESS" and status["failed_items"] == 2
-    assert status["per_phase"] == {"score": {"failed": 2, "succeeded": 38},
-                                   "publish": {"succeeded": 38}}
+    assert status["status"] == "SUCCESS" and status["failed"] == 2
+    assert {p: {s: n for s, n in c.items() if n} for p, c in status["per_phase"].items()} == {
+        "score": {"failed": 2, "succeeded": 38}, "publish": {"succeeded": 38}}
 
     listed = json.loads(cli(env, "list", "--json").stdout)
     assert listed == [{"name": "scoring", "description": "scores items; some raise",
@@ -71,7 +71,7 @@ def test_run_beyond_tolerance_exits_non_zero(env: dict[str, str], batch_dir: Pat
     scoring_batch(batch_dir, fail_keys=[5, 17, 30], tolerated=2)
     done = cli(env, "run", "scoring")
     assert done.returncode == 1
-    assert "FAILURE" in done.stdout and "first failures" in done.stdout
+    assert "FAILURE" in done.stdout and "first failed, invalid and rejected items" in done.stdout
     csv_rows = cli(env, "results", run_id_of(done.stdout), "--status", "failed",
                    "--format", "csv").stdout.splitlines()
     assert csv_rows[0].startswith("item_key,phase,status,attempts,error")

@@ -151,14 +151,14 @@ def test_one_ledger_configuration_is_used_by_ops_cli_sensors_and_reports(
     engine.dispose()
 
     status = json.loads(cli(cli_env, "status", run_id, "--json").stdout)
-    assert status["failed_items"] == 1 and status["items"] == 30
+    assert status["failed"] == 1 and status["items"] == 30
     failed = json.loads(cli(cli_env, "results", run_id, "--status", "failed", "--json").stdout)
     assert [row["item_key"] for row in failed] == ["7"]
     report = json.loads(cli(cli_env, "report", run_id, "--format", "json").stdout)
-    assert [row["item_key"] for row in report["failed"]] == ["7"]
+    assert [row["item_key"] for row in report["failures"]] == ["7"] and report["failed"] == 1
 
     with dg.DagsterInstance.from_config(str(home)) as inst:
         assert instance_ledger_url(inst) == f"sqlite:///{elsewhere}"
         end_of_run(build_definitions([batch_dir]), inst, run_id)
     hook = json.loads(httpserver.log[0][0].get_data())
-    assert hook["counts"]["failed_items"] == 1 and hook["counts"]["succeeded"] == 29
+    assert hook["counts"]["failed"] == 1 and hook["counts"]["succeeded"] == 29

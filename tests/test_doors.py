@@ -226,7 +226,7 @@ def test_dg_scaffold_defs_makes_a_batch_that_runs_and_dg_check_yaml_names_the_li
         assert (folder / "defs.yaml").exists()
         ran = cli(env, "run", name, "--partition", "first")
         assert ran.returncode == 0, ran.stdout + ran.stderr
-        assert "3 (3 succeeded" in ran.stdout
+        assert "3 items: 3 succeeded" in ran.stdout
 
         text = (folder / "defs.yaml").read_text()
         (folder / "defs.yaml").write_text(text.replace("  description:", "  itemz: 3\n"

@@ -142,7 +142,7 @@ def test_report_of_a_run_with_failures_in_every_format(batch_dir: Path, tmp_path
     assert phases["all"]["avg_s"] == pytest.approx(timed.mean(), abs=1e-6)
     assert phases["all"]["p95_s"] == pytest.approx(np.percentile(timed, 95), abs=1e-6)
     assert phases["all"]["max_s"] == pytest.approx(timed.max(), abs=1e-6)
-    assert [(f["item_key"], f["error"]) for f in report["failed"]] == [
+    assert [(f["item_key"], f["error"]) for f in report["failures"]] == [
         ("4", "ValueError: bad record 4"), ("11", "ValueError: bad record 11")]
     durations = [s["duration_s"] for s in report["slowest"]]
     assert len(durations) == 10 and durations == sorted(durations, reverse=True)
@@ -150,12 +150,13 @@ def test_report_of_a_run_with_failures_in_every_format(batch_dir: Path, tmp_path
     assert sum(map(sum, report["durations"]["per_phase"].values())) == 58
 
     page = render(report, "html")
-    assert "<h2>Failed items (2)</h2>" in page and "ValueError: bad record 11" in page
+    assert "<h2>Failed, invalid and rejected items (2)</h2>" in page
+    assert "ValueError: bad record 11" in page
     assert "success rate" in page and "93.3%" in page
     assert [image[:8] for image in pngs_in(page)] == [PNG_SIGNATURE, PNG_SIGNATURE]
 
     markdown = write_report(report, "md", tmp_path / "out" / "march.md").read_text()
-    assert "| score | 30 | 28 | 2 | 0 | 93.3% |" in markdown
+    assert "| score | 30 | 28 | 2 | 0 | 0 | 0 | 93.3% |" in markdown
     assert "![throughput](march.throughput.png)" in markdown
     assert (tmp_path / "out" / "march.durations.png").read_bytes().startswith(PNG_SIGNATURE)
 
@@ -164,7 +165,8 @@ def test_report_of_a_run_with_failures_in_every_format(batch_dir: Path, tmp_path
     assert (table[0]["failed"], table[1]["cost"], table[2]["items"]) == ("2", "7.0", "58")
 
     as_json = json.loads(render(report, "json"))
-    assert as_json["run_id"] == result.run_id and len(as_json["failed"]) == 2
+    assert as_json["run_id"] == result.run_id and len(as_json["failures"]) == 2
+    assert (as_json["failed"], as_json["invalid"], as_json["rejected"]) == (2, 0, 0)
 
 
 @pytest.mark.job
@@ -181,7 +183,14 @@ def test_results_asset_shows_charts_and_report_command(batch_dir: Path,
     assert [image[:8] for image in pngs_in(charts.value)] == [PNG_SIGNATURE, PNG_SIGNATURE]
     assert metadata["report"].value == (f"batch-defs report {result.run_id} --format html "
                                         f"--out report-{result.run_id[:8]}.html")
-    assert metadata["failed_items"].value == 1
+    assert metadata["failed"].value == 1
+    table = metadata["items_table"].value
+    first = table.records[0].data
+    assert (first["item_key"], first["status"], first["error"]) == ("7", "failed",
+                                                                    "ValueError: bad record 7")
+    assert all(r.data["error"] == "" for r in table.records[1:])  # no "nan" for succeeded rows
+    assert metadata["all_failures"].value == (f"batch-defs results {result.run_id} "
+                                              "--status failed,invalid,rejected")
 
 
 @pytest.mark.job
@@ -205,10 +214,10 @@ def test_progress_switch_is_read_when_the_run_executes(batch_dir: Path,
         return run.tags["batch/progress"]
 
     # fan-out's initial tag stays; no publish after it, no progress line in the logs
-    assert progress_tag(quiet.run_id) == "0/30 0%"
+    assert progress_tag(quiet.run_id) == "0/30 done (0%), 0 failed"
     assert progress_lines(quiet.run_id) == []
-    assert progress_tag(loud.run_id).startswith("30/30 100%")
-    assert progress_lines(loud.run_id)[-1].startswith("progress 30/30 100%")
+    assert progress_tag(loud.run_id).startswith("30/30 done (100%), 0 failed, ")
+    assert progress_lines(loud.run_id)[-1].startswith("progress 30/30 done (100%), 0 failed")
 
 
 @pytest.mark.cli
@@ -234,11 +243,11 @@ def test_report_command_and_partition_history(env: dict[str, str], batch_dir: Pa
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stderr
     page = out.read_text()
-    assert "FAILURE" in page and "<h2>Failed items (3)</h2>" in page
+    assert "FAILURE" in page and "<h2>Failed, invalid and rejected items (3)</h2>" in page
     assert "ValueError: bad record 12" in page and len(pngs_in(page)) == 2
     phases = cli(env, "report", march, "--format", "csv").stdout.splitlines()
-    assert phases[0].startswith("phase,items,succeeded,failed")
-    assert phases[1].startswith("score,30,27,3,")
+    assert phases[0].startswith("phase,items,succeeded,failed,invalid,rejected,skipped")
+    assert phases[1].startswith("score,30,27,3,0,0,0,")
 
 
 @pytest.mark.cli
@@ -269,8 +278,9 @@ def test_status_watch_follows_a_run_of_another_process(env: dict[str, str],
         if runner.poll() is None:
             runner.kill()
     assert watched.returncode == 0, watched.stderr
-    assert re.search(r"wait\s.*40/40", watched.stderr) and re.search(r"all\s.*80/80",
+    assert re.search(r"wait\s.*40/40", watched.stderr) and re.search(r"all\s.*40/40",
                                                                     watched.stderr)
+    assert "40/40 done (100%), 0 failed" in watched.stderr
     assert "items/s" in watched.stderr and "SUCCESS" in watched.stdout
 
 
@@ -328,7 +338,7 @@ def hostile_report() -> dict:
                     "avg_s": 0.5, "p95_s": 0.5, "max_s": 0.5, "cost": 0.0, "tokens": 0}],
         "throughput": {"edges_s": [], "per_phase": {}},
         "durations": {"edges_s": [], "per_phase": {}},
-        "slowest": [item], "failed": [item] * 101,  # past FAILED_SHOWN: the hint with the run id
+        "slowest": [item], "failures": [item] * 101,  # past FAILED_SHOWN: the hint with the run id
         "step_failures": [{"step": "<s>step</s>", "error": "<object data=x>"}],
     }
 
@@ -365,7 +375,7 @@ def test_hostile_partition_key_and_error_stay_text(batch_dir: Path,
     ledger = BatchStorageResource().ledger(instance)
     report = build_report(instance, ledger, result.run_id)
     assert report["partition"] == HOSTILE_PARTITION
-    assert [(f["item_key"], f["error"]) for f in report["failed"]] == [(HOSTILE_KEY,
+    assert [(f["item_key"], f["error"]) for f in report["failures"]] == [(HOSTILE_KEY,
                                                                        HOSTILE_ERROR)]
     folder = Path(instance.root_directory) / "batch_output" / "hostile" / HOSTILE_PARTITION
     pages = [render(report, "html"), (folder / "report.html").read_text()]

@@ -164,13 +164,13 @@ def test_notifications_by_email_and_webhook(tmp_path: Path, batch_dir: Path,
     assert message["To"] == "ops@example.com"
     assert message["Subject"] == "[batch] arrivals nov: failure (4/5 succeeded)"
     body = message.get_content()
-    assert "failed_items: 1" in body
+    assert "failed: 1" in body and "  2 (score, failed): ValueError" in body
     assert f"Run: http://dagster.example:3000/runs/{run.run_id}" in body
     hook = next(request for request, _ in httpserver.log if request.path == "/hook")
     data = json.loads(hook.get_data())
     assert data["batch"] == "arrivals" and data["partition"] == "nov"
     assert data["run_id"] == run.run_id and data["status"] == "FAILURE"
-    assert data["event"] == "failure" and data["counts"]["failed_items"] == 1
+    assert data["event"] == "failure" and data["counts"]["failed"] == 1
     assert data["counts"]["succeeded"] == 4 and data["cost"] == 0.0
     assert data["url"] == f"http://dagster.example:3000/runs/{run.run_id}"
     assert "more than the 0 tolerated" in data["stop_reason"]

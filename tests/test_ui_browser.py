@@ -32,6 +32,10 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
 ARTIFACTS = PROJECT / "tests" / "artifacts"
 LOCATION = "batch_defs.definitions"  # the code location's name, from workspace.yaml
 BATCH = "letters"
+STRICT = "strict"  # fails beyond its tolerance
+SLOW = "slow"  # a 10 s run, to watch its progress
+STRICT_FAILS = [3, 7, 9]
+DOC_IMAGES = PROJECT / "docs" / "images"
 RUN_TIMEOUT_MS = 90_000
 
 
@@ -70,6 +74,23 @@ def write_batches(folder: Path, fail_file: Path) -> None:
              "params": {"function": "tests.handlers:sleep_ms", "ms": 150}},
         ],
         "options": {"concurrency": 2, "chunk_size": 4, "on_error": "fail_fast"},
+    })
+    write_batch(folder, {
+        "name": STRICT,
+        "description": "Scores 12 items; three fail, one is tolerated.",
+        "source": inline_items(12),
+        "phases": [{"name": "score", "task": "python",
+                    "params": {"function": "tests.handlers:fail_listed",
+                               "fail_keys": STRICT_FAILS}}],
+        "options": {"concurrency": 2, "on_error": "continue", "tolerated_failures": 1},
+    })
+    write_batch(folder, {
+        "name": SLOW,
+        "description": "20 items of 500 ms, one at a time: about 10 s.",
+        "source": inline_items(20),
+        "phases": [{"name": "wait", "task": "python",
+                    "params": {"function": "tests.handlers:sleep_ms", "ms": 500}}],
+        "options": {"concurrency": 1},
     })
 
 
@@ -149,20 +170,25 @@ SETTLED = """() => Promise.all(document.getAnimations()
     .map(a => a.finished.catch(() => null)))"""
 
 
-def shot(page: Page, name: str) -> None:
+def shot(page: Page, name: str, doc: str | None = None) -> None:
+    """A screenshot in tests/artifacts; `doc`: with REFRESH_DOC_IMAGES=1, also the
+    docs/images file of that name (what docs/operations.md shows), so that plain test runs
+    leave the work tree alone."""
     ARTIFACTS.mkdir(exist_ok=True)
     page.evaluate(SETTLED)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    if doc and os.environ.get("REFRESH_DOC_IMAGES") == "1":
+        page.screenshot(path=str(DOC_IMAGES / doc))
 
 
-def launch_partition(page: Page, server: DagsterDev, partition: str) -> str:
+def launch_partition(page: Page, server: DagsterDev, partition: str, batch: str = BATCH) -> str:
     """From the job page: Materialize, add the partition in the dialog, launch; the run's
     short id from the toast."""
-    page.goto(f"{server.url}/locations/{LOCATION}/jobs/{BATCH}")
+    page.goto(f"{server.url}/locations/{LOCATION}/jobs/{batch}")
     page.get_by_role("button", name=re.compile("Materialize")).first.click()
-    dialog = page.get_by_role("dialog").filter(has_text=f"Launch runs to materialize {BATCH}")
+    dialog = page.get_by_role("dialog").filter(has_text=f"Launch runs to materialize {batch}")
     dialog.get_by_text("Add a partition").click()
-    adding = page.get_by_role("dialog").filter(has_text=f"Add a partition for {BATCH}")
+    adding = page.get_by_role("dialog").filter(has_text=f"Add a partition for {batch}")
     adding.get_by_role("textbox").fill(partition)
     adding.get_by_role("button", name="Save").click()
     launch = dialog.get_by_role("button", name="Launch 1 run")
@@ -209,9 +235,10 @@ def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: Dagste
     # Progress is a run tag: the run list shows it next to the partition.
     page.goto(f"{dagster_dev.url}/runs")
     expect(page.get_by_role("link", name=first)).to_be_visible()  # the only run so far
-    expect(page.get_by_text("batch/progress: 12/12 100%")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"batch/progress: 12/12 done \(100%\), 0 failed"))
+           ).to_be_visible()
     expect(page.get_by_text("batch/state: succeeded")).to_be_visible()
-    shot(page, "03-runs-progress-tag")
+    shot(page, "03-runs-progress-tag", "ui-runs-progress.png")
 
     # The partitions: counted on the job's tab, listed with their status on the asset's.
     page.goto(f"{dagster_dev.url}/locations/{LOCATION}/jobs/{BATCH}/partitions")
@@ -221,7 +248,7 @@ def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: Dagste
     page.locator("span", has_text=re.compile("^2026-11$")).first.click()
     expect(page.get_by_text("items_table")).to_be_visible()
     expect(page.get_by_role("link", name=first)).to_be_visible()
-    shot(page, "04-partitions")
+    shot(page, "04-partitions", "ui-partition-history.png")
 
     # The results asset: counts, the item table and the charts in its metadata.
     page.goto(f"{dagster_dev.url}/assets/{BATCH}/results")
@@ -236,7 +263,7 @@ def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: Dagste
         expect(chart).to_be_visible()
         width = chart.evaluate("image => image.complete && image.naturalWidth")
         assert width and width > 300, f"the {name} chart did not render"
-    shot(page, "06-asset-charts")
+    shot(page, "06-asset-charts", "ui-asset-charts.png")
     page.get_by_role("button", name="Close").click()
 
     # Item 5 fails; fail_fast fails its step and the run.
@@ -254,7 +281,7 @@ def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: Dagste
     page.get_by_role("menuitem", name="From failure").click()
     expect(page).not_to_have_url(re.compile(rf"/runs/{failing}"))
     expect(run_status(page)).to_have_text("Success", timeout=RUN_TIMEOUT_MS)
-    shot(page, "08-reexecuted-succeeded")
+    shot(page, "08-reexecuted-succeeded", "ui-reexecute-from-failure.png")
 
     with dg.DagsterInstance.from_config(str(dagster_dev.home)) as instance:
         (failed,) = [r for r in instance.get_runs() if r.run_id.startswith(failing)]
@@ -265,8 +292,10 @@ def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: Dagste
         assert page.url.endswith(retry.run_id)
         ledger = BatchStorageResource().ledger(instance)
         assert ledger.counts(retry.run_id)[("publish", "succeeded")] == 12
-        assert ledger.item_states(retry.run_id)["5"] == {"score": "succeeded",
-                                                         "publish": "succeeded"}
+        rows = ledger.rows(retry.run_id)
+        five = rows[rows["item_key"] == "5"]
+        assert dict(zip(five["phase"], five["status"], strict=True)) == {
+            "score": "succeeded", "publish": "succeeded"}
         assert ledger.counts(failed.run_id)[("score", "failed")] == 1
 
     # History: both partitions materialized, each with its latest run.
@@ -275,3 +304,70 @@ def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: Dagste
     page.locator("span", has_text=re.compile("^2026-12$")).first.click()
     expect(page.get_by_role("link", name=retry.run_id[:8])).to_be_visible()
     shot(page, "09-partitions-history")
+
+
+def test_a_failed_runs_items_and_checks_and_a_running_batchs_progress_in_the_ui(
+        dagster_dev: DagsterDev, browser: Browser) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(30_000)
+    page.add_locator_handler(page.get_by_text("Join the Dagster community"),
+                             lambda: page.get_by_role("button", name="Skip").click())
+
+    # The first visit's community dialog comes a moment after the page: let it come and go
+    # before a launch dialog opens.
+    page.goto(f"{dagster_dev.url}/locations/{LOCATION}/jobs/{STRICT}")
+    expect(page.get_by_text(f"Asset: {STRICT}/results")).to_be_visible()
+    with contextlib.suppress(AssertionError):
+        expect(page.get_by_text("Join the Dagster community")).to_be_visible(timeout=10_000)
+    expect(page.get_by_text("Join the Dagster community")).to_have_count(0)
+
+    # Three items fail where one is tolerated: the run fails, and says which and why.
+    failing = launch_partition(page, dagster_dev, "bad-data", STRICT)
+    open_run(page, dagster_dev, failing)
+    expect(run_status(page)).to_have_text("Failure", timeout=RUN_TIMEOUT_MS)
+    expect(page.get_by_text(re.compile(r"3 items failed, were invalid or rejected")).first
+           ).to_be_visible()
+    expect(page.get_by_text(re.compile(r"3 \(score, failed\): ValueError: bad record 3")).first
+           ).to_be_visible()
+    shot(page, "10-run-failed-items", "ui-run-failed-items.png")
+
+    # The asset keeps the failed run's record: its items, failures first, with errors.
+    page.goto(f"{dagster_dev.url}/assets/{STRICT}/results?view=events")
+    expect(page.get_by_text(re.compile(rf"run {failing} failed: 12 items")).first
+           ).to_be_visible()
+    # The metadata's item table: the failed items first, each with its error.
+    items_table = page.get_by_role("row").filter(has_text="items_table").first
+    items_table.scroll_into_view_if_needed()
+    for key in STRICT_FAILS:
+        expect(items_table.get_by_text(f"ValueError: bad record {key}")).to_be_visible()
+    rows = items_table.locator("tbody tr")
+    assert "bad record 3" in rows.nth(0).inner_text()  # failures first, in source order
+    expect(page.get_by_text(re.compile("--status failed,invalid,rejected")).first).to_be_visible()
+    shot(page, "11-asset-failed-items", "ui-asset-failed-items.png")
+
+    # The phase's quality check is red.
+    page.goto(f"{dagster_dev.url}/assets/{STRICT}/results?view=checks")
+    expect(page.get_by_text("score_quality").first).to_be_visible()
+    page.get_by_text("score_quality").first.click()
+    expect(page.get_by_text("failures beyond tolerated_failures")).to_be_visible()
+    expect(page.get_by_text("Failed", exact=True).first).to_be_visible()
+    expect(page.get_by_text(re.compile(r"3 \(failed, 1 attempts\): ValueError: bad record 3"))
+           .first).to_be_visible()
+    shot(page, "13-asset-check-failed", "ui-asset-check-failed.png")
+
+    # A 10 s run: its page shows progress lines as items finish, about every second.
+    running = launch_partition(page, dagster_dev, "live", SLOW)
+    open_run(page, dagster_dev, running)
+    seen: list[str] = []
+    lines = page.get_by_text(re.compile(r"progress \d+/20 done"))
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline and run_status(page).inner_text() != "Success":
+        for text in lines.all_inner_texts():
+            found = re.search(r"progress (\d+)/20 done", text)
+            if found and found.group(1) not in seen and found.group(1) != "20":
+                seen.append(found.group(1))
+        if len(seen) == 3:
+            shot(page, "14-run-progress", "ui-run-progress.png")
+        time.sleep(0.5)
+    assert len(seen) >= 3, f"progress on the run page changed only through {seen}"
+    expect(run_status(page)).to_have_text("Success", timeout=RUN_TIMEOUT_MS)

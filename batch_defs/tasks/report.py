@@ -1,4 +1,6 @@
-"""`report` and `export` after-steps: a run's ledger rows, or its items' final outputs, as files."""
+"""`report` and `export` after-steps: a run's report (html, md: the one `batch-defs report`
+draws, with charts), its ledger rows (csv, json, jsonl, parquet; times in ISO 8601), or its
+items' final outputs, as files."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import pandas as pd
 from batch_defs.tasks.base import AfterContext, AfterHandler, TaskParams
 
 Format = Literal["csv", "json", "jsonl", "html", "md", "parquet"]
+TIME_COLUMNS = ("started_at", "finished_at")
+REPORT_FORMATS = ("html", "md")  # the drawn report; the other formats are the rows
 
 
 class ReportParams(TaskParams):
@@ -19,8 +23,20 @@ class ReportParams(TaskParams):
     output: str = "{partition}/report"  # file stem, relative to the batch's output folder
 
 
+def iso_times(rows: pd.DataFrame) -> pd.DataFrame:
+    """Epoch-second columns as ISO 8601 UTC text (`2026-11-03T09:15:02.125431+00:00`)."""
+    rows = rows.copy()
+    for column in TIME_COLUMNS:
+        if column in rows.columns:
+            stamps = pd.to_datetime(rows[column], unit="s", utc=True).dt.round("us")
+            rows[column] = [None if pd.isna(t) else t.isoformat() for t in stamps]
+    return rows
+
+
 def write_table(rows: pd.DataFrame, stem: Path, fmt: str, title: str) -> Path:
     path = stem.with_suffix(f".{fmt}")
+    if fmt in ("csv", "json", "jsonl"):
+        rows = iso_times(rows)
     if fmt == "csv":
         rows.to_csv(path, index=False)
     elif fmt == "json":
@@ -42,6 +58,17 @@ def write_table(rows: pd.DataFrame, stem: Path, fmt: str, title: str) -> Path:
     return path
 
 
+def write_run_report(rows: pd.DataFrame, ctx: AfterContext, stem: Path, fmt: str) -> Path:
+    """The run's report as `batch-defs report` renders it (md: charts as PNGs beside)."""
+    from batch_defs.report import render, report_from_rows
+
+    # The after steps run once every item is done and the run is within tolerance.
+    report = report_from_rows(ctx.summary, rows, ctx.phases, "COMPLETED")
+    path = stem.with_suffix(f".{fmt}")
+    path.write_text(render(report, fmt, path), encoding="utf-8")
+    return path
+
+
 def make_handler(params: ReportParams, base_dir: Path) -> AfterHandler:
     from batch_defs.tasks.template import confined_path
 
@@ -49,7 +76,8 @@ def make_handler(params: ReportParams, base_dir: Path) -> AfterHandler:
         stem = confined_path(ctx.output_dir, params.output.format(partition=ctx.partition))
         stem.parent.mkdir(parents=True, exist_ok=True)
         title = f"{ctx.batch} / {ctx.partition}"
-        paths = [write_table(rows, stem, fmt, title) for fmt in params.formats]
+        paths = [write_run_report(rows, ctx, stem, fmt) if fmt in REPORT_FORMATS
+                 else write_table(rows, stem, fmt, title) for fmt in params.formats]
         return {f"report_{p.suffix[1:]}": str(p) for p in paths}
 
     return report
