@@ -6,7 +6,11 @@ An example of a kind this test does not know fails it: a new kind of example nee
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,3 +99,16 @@ def test_the_docs_hold_examples_of_every_kind() -> None:
     kinds = {check(yamlio.load(block)[0]) for _, _, block in examples()}
     assert {"batch", "component", "batch fragment", "instance settings"} <= kinds
     assert len(examples()) >= 30
+
+
+@pytest.mark.cli
+def test_the_readme_python_example_runs(tmp_path: Path) -> None:
+    text = (PROJECT / "README.md").read_text(encoding="utf-8")
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+                  if "BatchClient" in b]
+    env = {k: v for k, v in os.environ.items() if k != "BATCH_DEFS_PATH"}
+    done = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True,
+                          timeout=240, cwd=PROJECT,
+                          env={**env, "DAGSTER_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "succeeded=1 failed=0 invalid=0" in done.stdout
