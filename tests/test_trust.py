@@ -120,6 +120,7 @@ def test_a_crash_mid_phase_reruns_only_the_items_in_flight(home: Path, batch_dir
     per_item = made.groupby(["phase", "key"]).size()
     assert len(per_item) == 2000  # every item in both phases
     extra = len(made) - 2000
+    print(f"killed after {kill_at} calls: {extra} item-phases ran twice")  # shown with -s
     assert 0 <= extra <= 10, f"{extra} items ran twice (killed at {kill_at})"
     # The killed run's ledger row no longer says it is running.
     with dg.DagsterInstance.from_config(str(home)) as inst:
