@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 import psutil
 
+from batch_defs.env import RUN_ENV_MARKER
 from batch_defs.ledger import LeaseHolder, Ledger, StopRequest
 from batch_defs.states import RunState, StopKind
 
@@ -82,6 +83,18 @@ def group_members(pgid: int, started_at: float) -> list[int]:
     return members
 
 
+def marked_processes(run_id: str) -> list[psutil.Process]:
+    """This host's processes started for run `run_id` (by RUN_ENV_MARKER), this one aside."""
+    found = []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get(RUN_ENV_MARKER) == run_id:
+                found.append(process)
+    return found
+
+
 def end_leftover_processes(ledger: Ledger, run_id: str) -> int:
     """End the child processes a run's items started and left running (a killed run's shell
     commands and what they started); returns how many processes were ended."""
@@ -95,6 +108,10 @@ def end_leftover_processes(ledger: Ledger, run_id: str) -> int:
                 os.killpg(record.pgid, signal.SIGKILL)
             ended += len(members)
         ledger.unregister_process(record.id)
+    for process in marked_processes(run_id):  # unrecorded or outside their group
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+            ended += 1
     return ended
 
 

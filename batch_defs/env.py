@@ -55,3 +55,9 @@ def resolve_url(url: str, base_dir: Path | None = None) -> str:
     if not path or path == ":memory:":
         return url
     return f"{prefix}{(base_dir / path).resolve()}{sep}{query}"
+
+
+# Every command an item starts carries its run's id in this variable, and so does whatever
+# the command starts in turn: a process the run had no time to record (killed between the
+# spawn and the ledger write) or one that left its process group is still found by it.
+RUN_ENV_MARKER = "BATCH_DEFS_RUN_ID"

@@ -14,13 +14,30 @@ _lock = threading.Lock()
 in_flight = 0
 max_in_flight = 0
 started: list[str] = []
+passed_gate = 0
 
 
 def reset() -> None:
-    global in_flight, max_in_flight
+    global in_flight, max_in_flight, passed_gate
     with _lock:
-        in_flight = max_in_flight = 0
+        in_flight = max_in_flight = passed_gate = 0
         started.clear()
+
+
+def wait_at_gate(ctx: Any) -> None:
+    """Lets the first params.open_for calls through, then holds the others until the file
+    params.gate exists: a test acts on a run part-way through however loaded the machine is
+    (a fixed sleep would let the run finish first), then opens the gate."""
+    global passed_gate
+    gate = ctx.params.get("gate")
+    if not gate:
+        return
+    with _lock:
+        passed_gate += 1
+        if passed_gate <= int(ctx.params.get("open_for", 0)):
+            return
+    while not os.path.exists(gate):
+        time.sleep(0.02)
 
 
 def sleep_ms(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -31,6 +48,7 @@ def sleep_ms(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
         max_in_flight = max(max_in_flight, in_flight)
         started.append(ctx.key)
     try:
+        wait_at_gate(ctx)
         time.sleep(float(ctx.params.get("ms", 10)) / 1000)
     finally:
         with _lock:
@@ -81,6 +99,7 @@ def skip_odd(item: dict[str, Any], ctx: Any) -> None:
 def counted(item: dict[str, Any], ctx: Any) -> TaskResult:
     """Counts its calls per key in a real table, waits params.ms, costs params.cost."""
     count_calls(ctx)
+    wait_at_gate(ctx)
     time.sleep(float(ctx.params.get("ms", 0)) / 1000)
     return TaskResult(output={f"{ctx.phase}_done": True}, cost=float(ctx.params.get("cost", 0)))
 

@@ -19,6 +19,7 @@ from pytest_httpserver import HTTPServer
 from batch_defs import control
 from batch_defs.control import ControlError, effective_state
 from batch_defs.definitions import build_definitions
+from batch_defs.env import RUN_ENV_MARKER
 from batch_defs.ledger import LeaseHolder
 from batch_defs.states import RunState
 from resources.storage import SETTINGS_FILE, instance_ledger_url, open_ledger
@@ -30,6 +31,25 @@ S = dg.DagsterRunStatus
 
 def run_with(status: dg.DagsterRunStatus, **tags: str) -> dg.DagsterRun:
     return dg.DagsterRun(job_name="j", run_id="r", status=status, tags=tags)
+
+
+@pytest.mark.unit
+def test_leftover_processes_are_found_by_their_run_even_unrecorded(unit_ledger: object) -> None:
+    # A run killed between spawning a command and recording it in the ledger: the command's
+    # process (marked with the run's id) is still ended, and another run's is left alone.
+    def spawn(run_id: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["sleep", "300"], start_new_session=True,
+                                env={**os.environ, RUN_ENV_MARKER: run_id})
+
+    mine, theirs = spawn("run-killed"), spawn("run-other")
+    try:
+        assert control.end_leftover_processes(unit_ledger, "run-killed") == 1  # type: ignore
+        assert mine.wait(10) == -9
+        assert theirs.poll() is None
+    finally:
+        for process in (mine, theirs):
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.unit
@@ -88,11 +108,14 @@ def test_a_live_holder_is_named_and_a_gone_one_is_not(instance: dg.DagsterInstan
 
 @pytest.mark.job
 def test_resume_refuses_a_live_run_and_pause_stops_an_in_process_run(
-        instance: dg.DagsterInstance, batch_dir: Path) -> None:
-    write_batch(batch_dir, {"name": "pausable", "source": inline_items(200),
+        instance: dg.DagsterInstance, batch_dir: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"  # calls after the 20th wait for it: the pause lands mid-way
+    # 1,000 x 50 ms at concurrency 4: 12 s after the gate opens, for the pause to be seen.
+    write_batch(batch_dir, {"name": "pausable", "source": inline_items(1000),
                             "phases": [{"name": "w", "task": "python",
                                         "params": {"function": "tests.handlers:sleep_ms",
-                                                   "ms": 50}}],
+                                                   "ms": 50, "gate": str(gate),
+                                                   "open_for": 20}}],
                             "options": {"concurrency": 4}})
     job = build_definitions([batch_dir]).resolve_job_def("pausable")
     alive = instance.create_run_for_job(
@@ -114,6 +137,7 @@ def test_resume_refuses_a_live_run_and_pause_stops_an_in_process_run(
             time.sleep(0.05)
         run_id = ledger.runs("pausable")[-1]["run_id"]
         control.pause(instance, ledger, run_id)
+        gate.touch()
         worker.join(60)
         (result,) = results
         assert not result.success
@@ -121,7 +145,7 @@ def test_resume_refuses_a_live_run_and_pause_stops_an_in_process_run(
         assert instance.get_run_by_id(run_id).tags["batch/state"] == "paused"
         done = sum(n for (_, status), n in ledger.counts(run_id).items()
                    if status == "succeeded")
-        assert 0 < done < 200  # stopped part-way, with every started item recorded
+        assert 0 < done < 1000  # stopped part-way, with every started item recorded
         plan = control.prepare_resume(instance, ledger, run_id)
         assert (plan.job_name, plan.partition) == ("pausable", "q")
 

@@ -28,13 +28,16 @@ pytestmark = pytest.mark.cli
 
 
 def counted_batch(batch_dir: Path, calls: Path, items: int, ms: float, cost: float = 0.0,
-                  phases: int = 2, **options: object) -> None:
+                  phases: int = 2, gate: dict[str, object] | None = None,
+                  **options: object) -> None:
+    """`gate`: {"gate": FILE, "open_for": N} holds calls after the first N until FILE exists."""
     write_batch(batch_dir, {
         "name": "durable",
         "source": inline_items(items),
         "phases": [{"name": f"step{p}", "task": "python",
                     "params": {"function": "tests.handlers:counted", "ms": ms, "cost": cost,
-                               "calls_db": str(calls)}} for p in range(1, phases + 1)],
+                               "calls_db": str(calls), **(gate or {})}}
+                   for p in range(1, phases + 1)],
         "options": {"concurrency": 10, **options},
     })
 
@@ -112,14 +115,17 @@ def test_killed_worker_resumes_without_rerunning_finished_items(
 def test_pause_then_resume_runs_every_item_exactly_once(
         env: dict[str, str], batch_dir: Path, tmp_path: Path) -> None:
     calls, home = tmp_path / "calls.db", tmp_path / "home"
-    # 300 items x 2 phases x 100 ms at concurrency 10: 6 s, long enough to pause mid-way.
-    counted_batch(batch_dir, calls, items=300, ms=100)
+    # 300 items x 2 phases x 100 ms at concurrency 10; calls after the 100th wait for the
+    # gate, which opens once the pause is asked for: the run is paused mid-way.
+    gate = tmp_path / "gate"
+    counted_batch(batch_dir, calls, items=300, ms=100, gate={"gate": str(gate), "open_for": 100})
     worker = subprocess.Popen([*CLI, "run", "durable", "--partition", "nov"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     wait_for(lambda: succeeded_so_far(home) >= 100)
     run_id = only_run_id(home)
     paused = cli(env, "pause", run_id, "--no-wait")
     assert paused.returncode == 0, paused.stderr
+    gate.touch()
     output, _ = worker.communicate(timeout=120)
     assert worker.returncode == 1 and "FAILURE (paused)" in output
     at_pause = len(ledger_rows(home))

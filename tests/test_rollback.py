@@ -42,9 +42,15 @@ class RecordsApi:
         self.missing: Counter[int] = Counter()  # record id -> DELETEs that found nothing
         self.ids = itertools.count(1000)
         self.lock = threading.Lock()
+        # Creations after the first `hold_after` wait for `released` (at most 20 s, within
+        # the client's 30 s timeout): a test stops the run part-way, whatever the load.
+        self.hold_after: int | None = None
+        self.released = threading.Event()
 
     def create(self, request: Request) -> Response:
         key = int(request.get_json()["key"])
+        if self.hold_after is not None and len(self.created) >= self.hold_after:
+            self.released.wait(20)
         time.sleep(self.create_ms / 1000)
         if key in self.refuse:
             return Response(json.dumps({"error": "invalid"}), status=422)
@@ -197,7 +203,7 @@ def test_rollback_on_cancel_undoes_what_a_canceled_run_created(
         api: tuple[HTTPServer, RecordsApi], batch_dir: Path, dagster_home: Path,
         instance: dg.DagsterInstance) -> None:
     server, records = api
-    records.create_ms = 400  # 50 items at concurrency 2: 10 s
+    records.create_ms, records.hold_after = 400, 10  # 50 items at concurrency 2: 10 s
     records_batch(batch_dir, server, rollback_on=["cancel"], concurrency=2)
     env = home_env(dagster_home, batch_dir)
     run = subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "run", "records",
@@ -208,8 +214,16 @@ def test_rollback_on_cancel_undoes_what_a_canceled_run_created(
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.05)
     run_id = instance.get_runs(limit=1)[0].run_id
-    canceled = cli(env, "cancel", run_id, "--grace", "60")
-    assert canceled.returncode == 0, canceled.stderr
+    cancel = subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "cancel", run_id,
+                               "--grace", "60"], env=env, cwd=PROJECT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open_ledger(instance) as ledger:  # the cancel is asked for: let the held items go
+        while ledger.stop_request(run_id) is None:
+            assert cancel.poll() is None and time.monotonic() < deadline, cancel.communicate()
+            time.sleep(0.05)
+    records.released.set()
+    _, error = cancel.communicate(timeout=120)
+    assert cancel.returncode == 0, error
     run.communicate(timeout=120)
     assert 10 <= len(records.created) < 50
     assert set(records.deleted) == set(records.created) and not records.records

@@ -26,9 +26,11 @@ from tests.conftest import CLI, PROJECT, cli, fresh_pg_database, inline_items, w
 pytestmark = pytest.mark.cli
 
 
-def counted_phases(calls: Path, phases: int, ms: float) -> list[dict]:
+def counted_phases(calls: Path, phases: int, ms: float, **gate: object) -> list[dict]:
+    """`gate=FILE, open_for=N`: calls after the first N wait until FILE exists."""
     return [{"name": f"step{p}", "task": "python",
-             "params": {"function": "tests.handlers:counted", "ms": ms, "calls_db": str(calls)}}
+             "params": {"function": "tests.handlers:counted", "ms": ms, "calls_db": str(calls),
+                        **gate}}
             for p in range(1, phases + 1)]
 
 
@@ -158,18 +160,26 @@ def test_two_runs_of_one_partition_at_once(env: dict[str, str], batch_dir: Path,
 def test_a_waiting_launch_runs_once_the_partition_is_free(env: dict[str, str],
                                                           batch_dir: Path,
                                                           tmp_path: Path) -> None:
-    calls = tmp_path / "calls.db"
-    # 200 x 100 ms at concurrency 4: 5 s, longer than the second launch takes to start.
+    calls, gate = tmp_path / "calls.db", tmp_path / "gate"
+    # The first run holds its calls after the fifth until the second launch says it waits.
     write_batch(batch_dir, {"name": "queued", "source": inline_items(200),
-                            "phases": counted_phases(calls, 1, 100),
+                            "phases": counted_phases(calls, 1, 100, gate=str(gate),
+                                                     open_for=5),
                             "options": {"concurrency": 4}})
     first = subprocess.Popen([*CLI, "run", "queued", "--partition", "p"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(calls_made(calls)) >= 5)
-    second = cli(env, "run", "queued", "--partition", "p", "--wait")
+    second = subprocess.Popen([*CLI, "run", "queued", "--partition", "p", "--wait"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert second.stderr is not None
+    said = ""
+    while "waiting for run" not in said and (line := second.stderr.readline()):
+        said += line  # until it says whom it waits for (or ends without saying so)
+    gate.touch()
+    out, err = second.communicate(timeout=240)
     first.communicate(timeout=240)
-    assert first.returncode == 0 and second.returncode == 0, second.stdout + second.stderr
-    assert "waiting for run" in second.stderr
+    assert first.returncode == 0 and second.returncode == 0, out + said + err
+    assert "waiting for run" in said
     assert len(calls_made(calls)) == 200  # the second found every item done
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 from pydantic import Field
 
-from batch_defs.env import ENV_REFERENCE
+from batch_defs.env import ENV_REFERENCE, RUN_ENV_MARKER
 from batch_defs.tasks.base import Handler, TaskContext, TaskParams
 from batch_defs.tasks.templating import compile_template, render, template_env, template_vars
 
@@ -90,6 +90,8 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
     and keep the item waiting); it dies with the run's process, and the group is recorded
     in the ledger so that a resume ends what a killed run left running."""
     resolve_program(argv[0], env, cwd)
+    if ctx is not None:  # how a resume finds what this command left, recorded or not
+        env = {**env, RUN_ENV_MARKER: ctx.run_id}
     process = subprocess.Popen([*DEATH_SIGNAL, *argv], cwd=cwd, env=env,
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
