@@ -9,7 +9,7 @@ Why our own small pool rather than concurrent.futures.ProcessPoolExecutor: when 
 processes dies, that pool breaks and fails every call in flight; here a worker that dies
 (os._exit, a segfault, the OOM killer) fails only the item it held, and is replaced.
 
-Workers are fresh interpreters running this module (`python -m batch_defs.workers`): they
+Workers are fresh interpreters running this module's worker_main (WORKER_BOOT): they
 never re-run the parent's __main__ (multiprocessing's spawn and forkserver both do) nor import
 Dagster or the batch definitions. What crosses to a worker is
 pickled: the handler by reference (module:function, imported beside the batch file), the
@@ -185,7 +185,7 @@ class _Worker:
     def __init__(self, number: int):
         self.number = number
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.process = subprocess.Popen([sys.executable, "-m", "batch_defs.workers"],
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER_BOOT],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         env=env)
 
@@ -331,11 +331,26 @@ THREAD_REASONS: Mapping[str, str] = {
 }
 
 
-if __name__ == "__main__":
-    # The loop of the imported module, so that what it pickles names batch_defs.workers.
-    from batch_defs.workers import worker_main as main
-
-    main()
+# A worker's first lines (`python -c`): the packages batch_defs and batch_defs.tasks run their
+# __init__ only when an attribute of theirs is first read, so a worker imports what its
+# handler needs, not every task type (2-3 s of CPU per worker otherwise). runpy's `-m` would
+# import the package before any of this could run.
+WORKER_BOOT = """
+import importlib.util, sys, types
+for name in ("batch_defs", "batch_defs.tasks"):
+    spec = importlib.util.find_spec(name)
+    package = types.ModuleType(name)
+    package.__spec__, package.__file__ = spec, spec.origin
+    package.__path__ = list(spec.submodule_search_locations)
+    def load(attr, package=package, spec=spec):
+        del package.__dict__["__getattr__"]
+        spec.loader.exec_module(package)
+        return getattr(package, attr)
+    package.__dict__["__getattr__"] = load
+    sys.modules[name] = package
+from batch_defs.workers import worker_main
+worker_main()
+"""
 
 
 # What `batch-defs validate` says about these choices (notes: the batch loads and runs)
