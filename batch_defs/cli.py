@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from batch_defs.loader import SpecError, batch_files, find_batch, load_batch, with_overrides
+from batch_defs.workers import validate_notes
 
 
 def make_console(stderr: bool) -> Console:
@@ -122,6 +123,8 @@ def validate(targets: tuple[str, ...], data: str | None, sets: tuple[str, ...],
         say(f"ok {loaded.path} ({loaded.spec.name}: {len(loaded.spec.phases)} phases)")
         for notice in loaded.notices:
             say(f"warning: {notice} (the batch loads; it cannot run here)", "yellow", console)
+        for note in validate_notes(loaded):
+            say(f"note: {note}", "yellow", console)
         if data or sets or check_items:
             problems += check_source(loaded, data, sets)
     if problems:

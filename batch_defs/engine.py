@@ -48,6 +48,7 @@ from batch_defs.settings import LiveSettings
 from batch_defs.spec import BatchSpec, BudgetSpec, PhaseSpec, rate_per_second
 from batch_defs.states import FAILURE_STATUSES, ItemStatus, SkipCause, StopKind
 from batch_defs.tasks import Handler, TaskContext
+from batch_defs.workers import call_handler, close_workers
 
 HOST = socket.gethostname()
 CHECK_SECONDS = 1.0  # how often a waiting step looks for stops from elsewhere and checks in
@@ -146,7 +147,8 @@ class PhaseWork:
                           key=item.key, attempt=attempt, base_dir=plan.base_dir,
                           output_dir=plan.output_dir, resources=plan.resources, log=plan.log,
                           journal=plan.ledger)
-        return handler(dict(item.data), ctx)
+        # In this thread, or handed to a worker process (options.workers: processes).
+        return call_handler(plan.spec.options, handler, dict(item.data), ctx)
 
     def run(self, item: Item) -> ItemOutcome:
         """The item through `when:`, then its route's case (or the handler); NotStarted if the
@@ -437,6 +439,7 @@ class RunEngine:
         for slot in self.slots:
             slot.join()
         self.committer.close()
+        close_workers(self.plan.run_id)
 
     # Loading chunks: their items, and what this run or the partition knows of them already
 

@@ -364,6 +364,11 @@ class OptionsSpec(StrictModel):
     """Broker and backend of the celery executor."""
     max_concurrent_steps: int = Field(default=2, ge=1, le=64)
     """Steps at once with the multiprocess executor."""
+    workers: Literal["threads", "processes"] = "threads"
+    """Where `python` handlers run: in the slots' threads, or handed to worker processes
+    (CPU-bound handlers then use every core; docs/yaml.md, options)."""
+    processes: int | None = Field(default=None, ge=1, le=64)
+    """Worker processes with workers: processes (default: the machine's cores)."""
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     """What the partition may spend."""
     max_items: int = Field(default=100_000, ge=1)
@@ -395,6 +400,15 @@ class OptionsSpec(StrictModel):
         if float(value.strip().rstrip("%")) > 100:
             raise ValueError("a percentage must be <= 100%")
         return value.strip()
+
+    @model_validator(mode="after")
+    def _workers(self) -> OptionsSpec:
+        if self.processes is not None and self.workers != "processes":
+            raise ValueError("processes applies only with workers: processes")
+        if self.workers == "processes" and self.executor != "in_process":
+            raise ValueError(f"workers: processes needs executor: in_process (steps on the "
+                             f"{self.executor} executor are processes already)")
+        return self
 
     @field_validator("chunk_size")
     @classmethod

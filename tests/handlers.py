@@ -125,3 +125,21 @@ def after_then_wait(rows: Any, ctx: Any) -> dict[str, Any]:
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.05)
     return {"waited": True}
+
+
+def burn_cpu(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Pure-Python CPU work for params.ms of CPU time; says which process ran it."""
+    end = time.thread_time() + float(ctx.params.get("ms", 5)) / 1000
+    while time.thread_time() < end:
+        pass
+    return {"pid": os.getpid()}
+
+
+def die_on_listed(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Kills its own process for the keys in params.die_keys (a crashed worker); fails with a
+    plain error for params.fail_keys."""
+    if ctx.key in {str(k) for k in ctx.params.get("die_keys", [])}:
+        os._exit(7)
+    if ctx.key in {str(k) for k in ctx.params.get("fail_keys", [])}:
+        raise ValueError(f"bad item {ctx.key}")
+    return {"pid": os.getpid()}
