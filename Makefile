@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: install home demo test test-fast lint ui bench clean
+.PHONY: install home demo test test-fast lint ui bench bench-speed bench-peers bench-million clean
 
 # The embed extra (CPU torch 2.13.0 from this machine's disk, a bundled model) adds ~30 s, ~1.4 GB.
 $(BIN)/batch-defs: pyproject.toml
@@ -53,6 +53,18 @@ ui: home
 
 bench: install
 	$(BIN)/python bench/throughput.py
+
+# Issue 16's figures (docs/benchmarks.md), each beside plain threads from the same run.
+bench-speed: install
+	$(BIN)/python bench/speed.py
+
+# Prefect 3 comes with the peers extra, which the default install leaves out.
+bench-peers: install
+	$(BIN)/pip install --quiet -e '.[peers]'
+	$(BIN)/python bench/peers.py
+
+bench-million: install
+	$(BIN)/python bench/million.py
 
 clean:
 	rm -rf $(VENV) .dagster_home .tmp_dagster_home_* .pytest_cache .ruff_cache .mypy_cache
