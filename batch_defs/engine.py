@@ -587,9 +587,13 @@ class RunEngine:
         unloaded = [i for i in self.chunks if i not in self.chunk_keys]
         if not unloaded:
             return None
-        latest = max((chunk for _, chunk in self.demanded), default=-1)
+        latest = max(max((chunk for _, chunk in self.demanded), default=-1), 0)
         nxt = min(unloaded)
-        return self.chunks[nxt] if nxt <= max(latest, 0) + AHEAD_CHUNKS else None
+        # Small chunks (chunk_size: 1 above all) would leave slots idle within AHEAD_CHUNKS:
+        # the window also reaches twice the slots' width in items.
+        between = sum(self.chunks[i].count for i in range(latest + 1, nxt) if i in self.chunks)
+        near = nxt <= latest + AHEAD_CHUNKS or between < 2 * self.width
+        return self.chunks[nxt] if near else None
 
     # Dependencies (options.depends_on_field): an item starts once its dependencies succeeded
     # in the same phase; the dependants of an item that did not succeed are skipped.

@@ -29,3 +29,21 @@ def test_chunk_size_one_is_noted_with_its_cost_and_line(tmp_path):
 def test_chunks_have_no_note(tmp_path):
     assert validate_notes(_batch(tmp_path, {"chunk_size": 5})) == []
     assert validate_notes(_batch(tmp_path, {})) == []
+
+
+@pytest.mark.job
+def test_one_step_per_item_keeps_every_slot_busy(batch_dir, instance):
+    # Dagster's in-process executor runs one step at a time; the engine's slots work ahead
+    # into the next steps' items, so they overlap up to the concurrency.
+    from tests import handlers
+    from tests.conftest import run_batch
+
+    write_batch(batch_dir, {
+        "name": "steps", "source": inline_items(24),
+        "phases": [{"name": "work", "task": "python",
+                    "params": {"function": "tests.handlers:sleep_ms", "ms": 100}}],
+        "options": {"chunk_size": 1, "concurrency": 4}})
+    result = run_batch(batch_dir, instance, "steps")
+    assert result.success
+    assert len(handlers.started) == 24
+    assert handlers.max_in_flight == 4
