@@ -16,16 +16,14 @@ under these names:
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pandas as pd
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
 from batch_defs.ledger import SOURCE_PHASE, Ledger, item_table, run_table
 from batch_defs.states import FAILURE_STATUSES, ItemStatus, SkipCause
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 OUTCOMES = ("succeeded", "failed", "invalid", "rejected", "skipped", "pending")
 RESULTS_HINT = "batch-defs results {run_id} --status failed,invalid,rejected"
@@ -123,104 +121,32 @@ class RunSummary(BaseModel):
 
 def summarize_run(ledger: Ledger, run_id: str, failed_examples: int = 10,
                   run: dict[str, Any] | None = None) -> RunSummary:
-    """`run`: the run's batch_run row when the caller has just read it. Counted in the
-    database (a few aggregate queries): a run of a million items is never in memory here."""
+    """`run`: the run's batch_run row when the caller has just read it."""
     run = run or ledger.run(run_id) or {"phases": [], "total_items": 0}
     phases: list[str] = run["phases"]
-    per_phase, outcomes = classify_in_ledger(ledger, run_id, phases, int(run["total_items"]))
-    t = item_table.c
-    executed = sa.and_(t.run_id == run_id, t.phase != SOURCE_PHASE, t.reused_from.is_(None))
-    ran_query = sa.select(sa.func.count(), sa.func.max(t.finished_at),
-                          sa.func.coalesce(sa.func.sum(t.cost), 0.0),
-                          sa.func.coalesce(sa.func.sum(t.tokens), 0)).where(executed)
-    reused_query = sa.select(sa.func.count()).where(t.run_id == run_id,
-                                                    t.reused_from.is_not(None))
-    failures_query = (sa.select(t.item_key, t.phase, t.status, t.attempts, t.error)
-                      .where(t.run_id == run_id, t.status.in_(FAILURE_STATUSES))
-                      .order_by(t.seq, t.id).limit(failed_examples))
-    with ledger.engine.connect() as conn:
-        executed_n, last_finished, run_cost, run_tokens = conn.execute(ran_query).one()
-        reused = int(conn.execute(reused_query).scalar() or 0)
-        failures = conn.execute(failures_query).all()
+    rows = ledger.rows(run_id, light=True)
+    per_phase, outcomes = classify(rows, phases, int(run["total_items"]))
+    ran = rows[(rows["phase"] != SOURCE_PHASE) & rows["reused_from"].isna()]
     started = float(run.get("started_at") or 0.0)
-    finished = float(last_finished) if last_finished is not None else started
+    finished = float(ran["finished_at"].max()) if ran["finished_at"].notna().any() else started
     duration = max(0.0, finished - started)
     spent_cost, spent_tokens = partition_spend(ledger, run_id, run)
+    failures = rows[rows["status"].isin(FAILURE_STATUSES)].head(failed_examples)
     return RunSummary(
         run_id=run_id, batch=run.get("batch"), partition=run.get("partition"),
         items=sum(outcomes.values()), **outcomes,
-        reused=reused, executed=int(executed_n),
+        reused=int(rows["reused_from"].notna().sum()), executed=len(ran),
         per_phase=per_phase, duration_s=round(duration, 3),
         started_at=datetime.fromtimestamp(started, UTC) if started else None,
-        items_per_s=items_per_second(int(executed_n), len(phases), duration),
+        items_per_s=items_per_second(len(ran), len(phases), duration),
         cost=round(spent_cost, 6), tokens=spent_tokens,
-        run_cost=round(float(run_cost), 6), run_tokens=int(run_tokens),
+        run_cost=round(float(ran["cost"].sum()), 6), run_tokens=int(ran["tokens"].sum()),
         stop_reason=run.get("stop_reason"),
-        failures=[ItemFailure(item_key=str(key), phase=str(phase), status=ItemStatus(status),
-                              attempts=int(attempts or 0), error=error)
-                  for key, phase, status, attempts, error in failures],
+        failures=[ItemFailure(item_key=str(r.item_key), phase=str(r.phase),
+                              status=ItemStatus(r.status), attempts=int(r.attempts),
+                              error=r.error) for r in failures.itertuples()],
         after=(run.get("summary") or {}).get("after", {}),
     )
-
-
-def classify_in_ledger(ledger: Ledger, run_id: str, phases: list[str], total_items: int
-                       ) -> tuple[dict[str, PhaseCounts], dict[str, int]]:
-    """What classify() says of the run's rows, counted by the database: one row per phase
-    and status, and one per kind of item outcome."""
-    t = item_table.c
-    per_status = (sa.select(t.phase, t.status, sa.func.count(),
-                            sa.func.count(t.reused_from))
-                  .where(t.run_id == run_id).group_by(t.phase, t.status))
-    index = sa.case({phase: i for i, phase in enumerate(phases)}, value=t.phase, else_=-1)
-    passes = sa.or_(t.status == ItemStatus.SUCCEEDED.value,
-                    sa.and_(t.status == ItemStatus.SKIPPED.value,
-                            t.skip_cause == SkipCause.CONDITION.value))
-    last = len(phases) - 1
-    # Per item: the first phase that stopped it and how, else its last phase's pass.
-    items = (sa.select(sa.func.min(sa.case((~passes, index))).label("stop_index"),
-                       sa.func.max(sa.case((~passes, t.status))).label("stop_status"),
-                       sa.func.max(sa.case((sa.and_(passes, index == last), t.status)))
-                       .label("through"))
-             .where(t.run_id == run_id, t.phase.in_(list(phases)))
-             .group_by(t.item_key).subquery())
-    kinds = (sa.select(items.c.stop_index, items.c.stop_status, items.c.through,
-                       sa.func.count())
-             .group_by(items.c.stop_index, items.c.stop_status, items.c.through))
-    invalid_query = sa.select(sa.func.count(sa.distinct(t.item_key))).where(
-        t.run_id == run_id, t.phase == SOURCE_PHASE)
-    with ledger.engine.connect() as conn:
-        by_status = conn.execute(per_status).all()
-        by_kind = conn.execute(kinds).all() if phases else []
-        invalid = int(conn.execute(invalid_query).scalar() or 0)
-    outcomes = {name: 0 for name in OUTCOMES}
-    stopped_before = [0] * (len(phases) + 1)  # items stopped in a phase before phase i
-    finished = 0
-    for stop_index, stop_status, through, n in by_kind:
-        if stop_index is not None:
-            outcomes[str(stop_status)] += int(n)
-            for later in range(int(stop_index) + 1, len(phases) + 1):
-                stopped_before[later] += int(n)
-            finished += int(n)
-        elif through is not None:
-            outcomes[str(through)] += int(n)
-            finished += int(n)
-    outcomes["invalid"] = invalid
-    outcomes["pending"] = max(0, total_items - finished)
-    counts: dict[str, dict[str, int]] = {}
-    reused: dict[str, int] = {}
-    for phase, status, n, reused_n in by_status:
-        counts.setdefault(phase, {})[str(status)] = int(n)
-        reused[phase] = reused.get(phase, 0) + int(reused_n)
-    per_phase: dict[str, PhaseCounts] = {}
-    if SOURCE_PHASE in counts:
-        per_phase[SOURCE_PHASE] = PhaseCounts(invalid=sum(counts[SOURCE_PHASE].values()),
-                                              reused=reused[SOURCE_PHASE])
-    for i, phase in enumerate(phases):
-        found = counts.get(phase, {})
-        expected = total_items - stopped_before[i]
-        per_phase[phase] = PhaseCounts(**found, pending=max(0, expected - sum(found.values())),
-                                       reused=reused.get(phase, 0))
-    return per_phase, outcomes
 
 
 def items_per_second(item_phases: float, phases: int, seconds: float) -> float:

@@ -2,72 +2,57 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
 from batch_defs.spec import BatchSpec, PhaseSpec
+from batch_defs.tasks import (
+    email,
+    embed,
+    http,
+    llm,
+    python,
+    report,
+    shell,
+    sql,
+    template,
+    validate,
+)
 from batch_defs.tasks.base import (
     AfterContext,
     AfterHandler,
+    AfterType,
     Handler,
     ItemsFailed,
     MissingExtra,
     RejectItem,
     SkipItem,
     TaskContext,
-    TaskParams,
     TaskResult,
+    TaskType,
     installed,
 )
 
-
-@dataclass(frozen=True)
-class LazyType:
-    """A task type named by its module: imported when a batch uses it, so that a run imports
-    only its own task types (http pulls in httpx, report pandas, llm and embed more)."""
-
-    module: str
-    params_name: str
-    factory_name: str
-    resources: tuple[str, ...] = ()  # Dagster resource keys its handler reads
-
-    @property
-    def params(self) -> type[TaskParams]:
-        return getattr(importlib.import_module(self.module), self.params_name)
-
-    @property
-    def make_handler(self) -> Callable[[Any, Path], Any]:
-        return getattr(importlib.import_module(self.module), self.factory_name)
-
-
-def _task(name: str, params: str, factory: str = "make_handler",
-          resources: tuple[str, ...] = ()) -> LazyType:
-    return LazyType(f"batch_defs.tasks.{name}", params, factory, resources)
-
-
-TASK_TYPES: dict[str, LazyType] = {
-    "python": _task("python", "PythonParams"),
-    "template": _task("template", "TemplateParams"),
-    "email": _task("email", "EmailParams", resources=("smtp",)),
-    "http": _task("http", "HttpParams", resources=("http",)),
-    "llm": _task("llm", "LlmParams", resources=("llm",)),
-    "embed": _task("embed", "EmbedParams"),
-    "validate": _task("validate", "ValidateParams"),
-    "sql": _task("sql", "SqlParams", resources=("database",)),
-    "shell": _task("shell", "ShellParams"),
+TASK_TYPES: dict[str, TaskType] = {
+    "python": TaskType(python.PythonParams, python.make_handler),
+    "template": TaskType(template.TemplateParams, template.make_handler),
+    "email": TaskType(email.EmailParams, email.make_handler, resources=("smtp",)),
+    "http": TaskType(http.HttpParams, http.make_handler, resources=("http",)),
+    "llm": TaskType(llm.LlmParams, llm.make_handler, resources=("llm",)),
+    "embed": TaskType(embed.EmbedParams, embed.make_handler),
+    "validate": TaskType(validate.ValidateParams, validate.make_handler),
+    "sql": TaskType(sql.SqlParams, sql.make_handler, resources=("database",)),
+    "shell": TaskType(shell.ShellParams, shell.make_handler),
 }
 
-AFTER_TYPES: dict[str, LazyType] = {
-    "report": _task("report", "ReportParams"),
-    "export": _task("report", "ExportParams", "make_export_handler"),
-    "python": _task("python", "PythonParams", "make_after_handler"),
-    "sql_commit": _task("sql", "SqlCommitParams", "make_commit_handler",
-                        resources=("database",)),
+AFTER_TYPES: dict[str, AfterType] = {
+    "report": AfterType(report.ReportParams, report.make_handler),
+    "export": AfterType(report.ExportParams, report.make_export_handler),
+    "python": AfterType(python.PythonParams, python.make_after_handler),
+    "sql_commit": AfterType(sql.SqlCommitParams, sql.make_commit_handler,
+                            resources=("database",)),
 }
 
 __all__ = ["AFTER_TYPES", "AfterContext", "Handler", "ItemsFailed", "MissingExtra",
