@@ -15,7 +15,9 @@ import yaml
 
 from tests.conftest import PROJECT, fresh_pg_database, write_batch
 
-pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+# One test process for everything on this machine's Redis: celery workers take any task on
+# the queue, and the shared limits' keys are the same in every test.
+pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.xdist_group("redis")]
 BROKER = "redis://127.0.0.1:6379/14"  # databases of their own on this machine's Redis
 BACKEND = "redis://127.0.0.1:6379/15"
 

@@ -26,6 +26,7 @@ from batch_defs.limits import (
 from tests.conftest import fresh_pg_database
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
+pytestmark = pytest.mark.xdist_group("redis")  # with test_celery: one process on Redis
 
 
 def max_in_window(times: list[float], window: float = 1.0) -> int:
