@@ -98,7 +98,7 @@ def marked_processes(run_id: str) -> list[psutil.Process]:
 def end_leftover_processes(ledger: Ledger, run_id: str) -> int:
     """End the child processes a run's items started and left running (a killed run's shell
     commands and what they started); returns how many processes were ended."""
-    ended = 0
+    ended: set[int] = set()
     for record in ledger.processes(run_id):
         if record.host != HOST:
             continue  # another machine's processes are that machine's to end
@@ -106,13 +106,14 @@ def end_leftover_processes(ledger: Ledger, run_id: str) -> int:
         if members:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record.pgid, signal.SIGKILL)
-            ended += len(members)
+            ended.update(members)
         ledger.unregister_process(record.id)
     for process in marked_processes(run_id):  # unrecorded or outside their group
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-            ended += 1
-    return ended
+        if process.pid not in ended:  # a group's member not yet gone is counted once
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+                ended.add(process.pid)
+    return len(ended)
 
 
 def take_over(instance: dg.DagsterInstance, ledger: Ledger, holder: LeaseHolder) -> int:
