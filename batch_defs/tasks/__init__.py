@@ -8,22 +8,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from batch_defs.spec import BatchSpec, PhaseSpec
-from batch_defs.tasks import (
-    email,
-    embed,
-    http,
-    llm,
-    python,
-    report,
-    shell,
-    sql,
-    template,
-    validate,
-)
 from batch_defs.tasks.base import (
     AfterContext,
     AfterHandler,
-    AfterType,
     Handler,
     ItemsFailed,
     MissingExtra,
@@ -35,24 +22,30 @@ from batch_defs.tasks.base import (
     installed,
 )
 
+
+def _task(module: str, params: str, factory: str = "make_handler",
+          resources: tuple[str, ...] = ()) -> TaskType:
+    return TaskType(f"batch_defs.tasks.{module}", params, factory, resources)
+
+
 TASK_TYPES: dict[str, TaskType] = {
-    "python": TaskType(python.PythonParams, python.make_handler),
-    "template": TaskType(template.TemplateParams, template.make_handler),
-    "email": TaskType(email.EmailParams, email.make_handler, resources=("smtp",)),
-    "http": TaskType(http.HttpParams, http.make_handler, resources=("http",)),
-    "llm": TaskType(llm.LlmParams, llm.make_handler, resources=("llm",)),
-    "embed": TaskType(embed.EmbedParams, embed.make_handler),
-    "validate": TaskType(validate.ValidateParams, validate.make_handler),
-    "sql": TaskType(sql.SqlParams, sql.make_handler, resources=("database",)),
-    "shell": TaskType(shell.ShellParams, shell.make_handler),
+    "python": _task("python", "PythonParams"),
+    "template": _task("template", "TemplateParams"),
+    "email": _task("email", "EmailParams", resources=("smtp",)),
+    "http": _task("http", "HttpParams", resources=("http",)),
+    "llm": _task("llm", "LlmParams", resources=("llm",)),
+    "embed": _task("embed", "EmbedParams"),
+    "validate": _task("validate", "ValidateParams"),
+    "sql": _task("sql", "SqlParams", resources=("database",)),
+    "shell": _task("shell", "ShellParams"),
 }
 
-AFTER_TYPES: dict[str, AfterType] = {
-    "report": AfterType(report.ReportParams, report.make_handler),
-    "export": AfterType(report.ExportParams, report.make_export_handler),
-    "python": AfterType(python.PythonParams, python.make_after_handler),
-    "sql_commit": AfterType(sql.SqlCommitParams, sql.make_commit_handler,
-                            resources=("database",)),
+# After steps run once per batch, on its summary and ledger rows.
+AFTER_TYPES: dict[str, TaskType] = {
+    "report": _task("report", "ReportParams"),
+    "export": _task("report", "ExportParams", "make_export_handler"),
+    "python": _task("python", "PythonParams", "make_after_handler"),
+    "sql_commit": _task("sql", "SqlCommitParams", "make_commit_handler", resources=("database",)),
 }
 
 __all__ = ["AFTER_TYPES", "AfterContext", "Handler", "ItemsFailed", "MissingExtra",

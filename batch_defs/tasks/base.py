@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -140,12 +141,22 @@ class TaskParams(BaseModel):
 
 @dataclass(frozen=True)
 class TaskType:
-    """A built-in task: its params model, a factory turning valid params into a handler, and
-    the Dagster resources (by key) its handler reads from ctx.resources."""
+    """A built-in task type, named by its module and imported when a batch uses it: a run
+    imports only its own task types (http pulls in httpx, report pandas and matplotlib, llm and
+    embed their clients), which keeps every command's start-up short."""
 
-    params: type[TaskParams]
-    make_handler: Callable[[Any, Path], Handler]
-    resources: tuple[str, ...] = ()
+    module: str
+    params_name: str  # the TaskParams model in that module
+    factory_name: str = "make_handler"  # turns valid params and the batch folder into a handler
+    resources: tuple[str, ...] = ()  # Dagster resource keys its handler reads from ctx.resources
+
+    @property
+    def params(self) -> type[TaskParams]:
+        return getattr(importlib.import_module(self.module), self.params_name)
+
+    @property
+    def make_handler(self) -> Callable[[Any, Path], Any]:
+        return getattr(importlib.import_module(self.module), self.factory_name)
 
 
 @dataclass
@@ -161,15 +172,8 @@ class AfterContext:
     output_dir: Path
     phases: list[str] = field(default_factory=list)  # the batch's phases, in order
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("batch_defs.after"))
-    # The Dagster resources (by key) the after step's type declares (AfterType.resources).
+    # The Dagster resources (by key) the after step's type declares (TaskType.resources).
     resources: Mapping[str, Any] = field(default_factory=dict)
 
 
 AfterHandler = Callable[[Any, AfterContext], Mapping[str, Any] | None]
-
-
-@dataclass(frozen=True)
-class AfterType:
-    params: type[TaskParams]
-    make_handler: Callable[[Any, Path], AfterHandler]
-    resources: tuple[str, ...] = ()  # Dagster resource keys its handler reads from ctx.resources
