@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -165,9 +169,64 @@ def cli_env(tmp_path: Path, batch_dir: Path) -> dict[str, str]:
             "BATCH_DEFS_PATH": str(batch_dir), "PYTHONPATH": str(PROJECT)}
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=240,
-                          cwd=PROJECT)
+class Zygote:
+    """The CLI zygote (tests/cli_zygote.py) of this test process, started on first use."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[str] | None = None
+        self.lock = threading.Lock()
+
+    def run(self, env: dict[str, str], args: tuple[str, ...],
+            timeout_s: int) -> subprocess.CompletedProcess[str] | None:
+        """The command's result, or None when another thread is using the zygote."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            if self.process is None or self.process.poll() is not None:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "tests.cli_zygote"], cwd=PROJECT, text=True,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    env={**os.environ, "PYTHONPATH": str(PROJECT), "COLUMNS": "200"})
+            with tempfile.TemporaryDirectory() as folder:
+                out, err = Path(folder, "stdout"), Path(folder, "stderr")
+                request = {"args": list(args), "env": env, "cwd": str(PROJECT),
+                           "stdout": str(out), "stderr": str(err), "timeout_s": timeout_s}
+                assert self.process.stdin and self.process.stdout
+                self.process.stdin.write(json.dumps(request) + "\n")
+                self.process.stdin.flush()
+                reply = self.process.stdout.readline()
+                assert reply, "the CLI zygote ended (tests/cli_zygote.py)"
+                code = json.loads(reply)["returncode"]
+                if code == -signal.SIGALRM:
+                    raise subprocess.TimeoutExpired([*CLI, *args], timeout_s)
+                return subprocess.CompletedProcess([*CLI, *args], code, out.read_text(),
+                                                   err.read_text())
+        finally:
+            self.lock.release()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+
+ZYGOTE = Zygote()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_zygote() -> Iterator[None]:
+    yield
+    ZYGOTE.stop()
+
+
+def cli(env: dict[str, str], *args: str, timeout_s: int = 240) -> subprocess.CompletedProcess[str]:
+    """`batch-defs ARGS` in a process of its own, forked from a zygote that has the imports
+    done (tests/cli_zygote.py); a plain subprocess while another thread uses the zygote."""
+    done = ZYGOTE.run(env, args, timeout_s)
+    if done is not None:
+        return done
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, cwd=PROJECT)
 
 
 @pytest.fixture

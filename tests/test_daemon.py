@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ import yaml
 
 from tests.conftest import (
     PROJECT,
+    cli,
     fresh_pg_database,
     queued_instance_config,
     running_daemon,
@@ -33,16 +32,16 @@ def daemon_home(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
         write_batch(batch_dir, {
             "name": name,
             "source": {"type": "inline", "key": "id",
-                       "items": [{"id": i} for i in range(1, 21)]},
+                       "items": [{"id": i} for i in range(1, 11)]},
             "phases": [{"name": "work", "task": "python",
                         "params": {"function": "tests.handlers:sleep_ms", "ms": 1000}}],
-            # 10 s of items: long beside a run's start, so runs launched together overlap.
+            # 5 s of items: long beside the moment between two runs dequeued together starting.
             "options": {"concurrency": 2},
         })
     home = tmp_path / "home"
     home.mkdir()
     with fresh_pg_database() as url:
-        # Two runs at once in all: six runs over three batches test both limits.
+        # Two runs at once in all, one per batch: SUBMITS test both limits.
         config = queued_instance_config(url, max_concurrent_runs=2)
         (home / "dagster.yaml").write_text(yaml.safe_dump(config))
         env = {**os.environ, "DAGSTER_HOME": str(home), "BATCH_DEFS_PATH": str(batch_dir),
@@ -60,23 +59,24 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def test_six_submitted_runs_respect_run_limits(
+# Submitted in this order, the second alpha run is refused by the per-batch limit while a run
+# slot is free, and gamma by the two-run limit while alpha and beta both run.
+SUBMITS = (("alpha", "p1"), ("alpha", "p2"), ("beta", "p1"), ("gamma", "p1"))
+
+
+def test_submitted_runs_respect_both_run_limits(
         daemon_home: tuple[Path, dict[str, str]]) -> None:
     home, env = daemon_home
-    submits = [subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "submit",
-                                 BATCHES[i % 3], "--partition", f"p{i}"],
-                                env=env, cwd=PROJECT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for i in range(6)]
     run_ids = []
-    for submit in submits:
-        out, err = submit.communicate(timeout=180)
-        assert submit.returncode == 0, err
-        run_ids.append(out.strip())  # stdout is the run id alone
+    for name, partition in SUBMITS:
+        submit = cli(env, "submit", name, "--partition", partition, timeout_s=180)
+        assert submit.returncode == 0, submit.stderr
+        run_ids.append(submit.stdout.strip())  # stdout is the run id alone
     with dg.DagsterInstance.from_config(str(home)) as instance:
         deadline = time.monotonic() + 300
         while True:
             records = instance.get_run_records(dg.RunsFilter(run_ids=run_ids))
-            if len(records) == 6 and all(r.dagster_run.is_finished for r in records):
+            if len(records) == len(SUBMITS) and all(r.dagster_run.is_finished for r in records):
                 break
             assert time.monotonic() < deadline, [r.dagster_run.status for r in records]
             time.sleep(1)
@@ -88,4 +88,6 @@ def test_six_submitted_runs_respect_run_limits(
     for name in BATCHES:
         mine = [intervals[r.dagster_run.run_id] for r in records
                 if r.dagster_run.job_name == name]
-        assert len(mine) == 2 and max_overlap(mine) == 1  # one run per batch at a time
+        assert max_overlap(mine) == 1  # one run per batch at a time
+    alpha = sorted(intervals[run_id] for run_id in run_ids[:2])
+    assert alpha[1][0] >= alpha[0][1]  # the second alpha run waited for the first

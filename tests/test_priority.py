@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +14,7 @@ import yaml
 
 from tests.conftest import (
     PROJECT,
+    cli,
     fresh_pg_database,
     queued_instance_config,
     running_daemon,
@@ -56,8 +55,7 @@ def one_run_at_a_time(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], Pa
 
 
 def submit(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "batch_defs.cli", "submit", *args], env=env,
-                          cwd=PROJECT, capture_output=True, text=True, timeout=180)
+    done = cli(env, "submit", *args, timeout_s=180)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 

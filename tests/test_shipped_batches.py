@@ -8,8 +8,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import sqlalchemy as sa
 
 from batch_defs.loader import PACKAGE_BATCHES, load_batches
 from resources.storage import BatchStorageResource
-from tests.conftest import PROJECT, Inbox, run_batch, serve_smtp
+from tests.conftest import PROJECT, Inbox, cli, run_batch, serve_smtp
 from tests.test_task_sql import (  # noqa: F401 - pg_target, migration_target: fixtures
     migration_config,
     migration_target,
@@ -70,11 +68,6 @@ def test_every_shipped_batch_validates() -> None:
     assert set(batches) == SHIPPED
     assert [p.task for p in batches["document_pipeline"].spec.phases] == ["llm", "llm", "embed"]
     assert [s.task for s in batches["data_migration"].spec.after] == ["sql_commit", "python"]
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "batch_defs.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=240, cwd=PROJECT)
 
 
 @pytest.mark.cli

@@ -23,7 +23,8 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from resources.storage import BatchStorageResource
 from tests.conftest import PROJECT, inline_items, write_batch
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+# One group: the tests share one `dagster dev` (the dagster_dev fixture).
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300), pytest.mark.xdist_group("browser")]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's (scripts/ensure-chromium.sh); no browser download
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -130,8 +131,11 @@ def stop_group(process: subprocess.Popen[bytes], grace_s: float = 20) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def dagster_dev(tmp_path: Path) -> Iterator[DagsterDev]:
+@pytest.fixture(scope="module")
+def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev]:
+    """One `dagster dev` for the module's tests (each drives batches of its own): starting
+    the webserver, daemon and code server costs more CPU than a test's runs."""
+    tmp_path = tmp_path_factory.mktemp("dagster_dev")
     home, fail_file = tmp_path / "home", tmp_path / "fail_keys.txt"
     write_home(home)
     write_batches(tmp_path / "batches", fail_file)
@@ -234,7 +238,7 @@ def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: Dagste
 
     # Progress is a run tag: the run list shows it next to the partition.
     page.goto(f"{dagster_dev.url}/runs")
-    expect(page.get_by_role("link", name=first)).to_be_visible()  # the only run so far
+    expect(page.get_by_role("link", name=first)).to_be_visible()  # the module's first run
     expect(page.get_by_text(re.compile(r"batch/progress: 12/12 done \(100%\), 0 failed"))
            ).to_be_visible()
     expect(page.get_by_text("batch/state: succeeded")).to_be_visible()

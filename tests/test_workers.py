@@ -63,15 +63,18 @@ def test_an_error_in_a_worker_is_the_same_item_failure_with_retries(unit_ledger,
 
 @pytest.mark.unit
 def test_a_worker_that_dies_fails_only_its_item_and_is_replaced(unit_ledger, tmp_path):
+    # One slot, one worker: items run in order, so 1 and 2 ran in the worker that item 3 killed
     report, rows = _run(unit_ledger, tmp_path, handlers.die_on_listed, {"die_keys": [3]}, 12,
-                        on_error="continue", concurrency=3, processes=2)
+                        on_error="continue", concurrency=1, processes=1)
     assert report.executed == 12 and report.failed == 1
     assert rows["3"]["status"] == "failed"
     assert "worker process" in rows["3"]["error"] and "died (exit code 7)" in rows["3"]["error"]
     assert "item 3" in rows["3"]["error"]
     assert all(row["status"] == "succeeded" for key, row in rows.items() if key != "3")
-    # the dead worker was replaced: later items ran in a third process
-    assert len({_pid(row) for key, row in rows.items() if key != "3"}) >= 2
+    # the dead worker was replaced: every later item ran in one new process
+    before = {_pid(rows[key]) for key in ("1", "2")}
+    after = {_pid(rows[str(key)]) for key in range(4, 13)}
+    assert len(before) == 1 and len(after) == 1 and before != after
 
 
 def _spec(tmp_path: Path, options: dict, task: dict | None = None) -> Path:
