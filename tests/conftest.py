@@ -178,8 +178,9 @@ class Zygote:
 
     def run(self, env: dict[str, str], args: tuple[str, ...],
             timeout_s: int) -> subprocess.CompletedProcess[str] | None:
-        """The command's result, or None when another thread is using the zygote."""
-        if not self.lock.acquire(blocking=False):
+        """The command's result; None when another thread is using the zygote, or when the
+        command's import path differs from the zygote's (its imports are done already)."""
+        if env.get("PYTHONPATH") != str(PROJECT) or not self.lock.acquire(blocking=False):
             return None
         try:
             if self.process is None or self.process.poll() is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -25,17 +25,17 @@ BATCHES = ("alpha", "beta", "gamma")
 
 
 @pytest.fixture
-def daemon_home(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+def daemon_home(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], Path]]:
     batch_dir = tmp_path / "batches"
     batch_dir.mkdir()
+    gate = tmp_path / "gate"  # items wait until it exists: the first runs hold their slots
     for name in BATCHES:
         write_batch(batch_dir, {
             "name": name,
-            "source": {"type": "inline", "key": "id",
-                       "items": [{"id": i} for i in range(1, 11)]},
+            "source": {"type": "inline", "key": "id", "items": [{"id": i} for i in range(4)]},
             "phases": [{"name": "work", "task": "python",
-                        "params": {"function": "tests.handlers:sleep_ms", "ms": 1000}}],
-            # 5 s of items: long beside the moment between two runs dequeued together starting.
+                        "params": {"function": "tests.handlers:sleep_ms", "ms": 50,
+                                   "gate": str(gate)}}],
             "options": {"concurrency": 2},
         })
     home = tmp_path / "home"
@@ -46,8 +46,11 @@ def daemon_home(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
         (home / "dagster.yaml").write_text(yaml.safe_dump(config))
         env = {**os.environ, "DAGSTER_HOME": str(home), "BATCH_DEFS_PATH": str(batch_dir),
                "PYTHONPATH": str(PROJECT)}
-        with running_daemon(home, env, tmp_path / "daemon.log"):
-            yield home, env
+        try:
+            with running_daemon(home, env, tmp_path / "daemon.log"):
+                yield home, env, gate
+        finally:
+            gate.touch()  # a held run must not outlive the test
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -59,32 +62,49 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-# Submitted in this order, the second alpha run is refused by the per-batch limit while a run
-# slot is free, and gamma by the two-run limit while alpha and beta both run.
+# In this order, the second alpha run is passed over by the per-batch limit while a run slot
+# is free, and gamma is held by the two-run limit while alpha and beta both run.
 SUBMITS = (("alpha", "p1"), ("alpha", "p2"), ("beta", "p1"), ("gamma", "p1"))
+DEQUEUE_INTERVALS_WATCHED = 3
+
+
+def statuses(instance: dg.DagsterInstance, run_ids: list[str]) -> list[dg.DagsterRunStatus]:
+    runs = {r.dagster_run.run_id: r.dagster_run.status
+            for r in instance.get_run_records(dg.RunsFilter(run_ids=run_ids))}
+    return [runs[run_id] for run_id in run_ids]
+
+
+def wait_for(instance: dg.DagsterInstance, run_ids: list[str],
+             done: Callable[[list[dg.DagsterRunStatus]], bool]) -> list[dg.DagsterRunStatus]:
+    deadline = time.monotonic() + 300
+    while not done(now := statuses(instance, run_ids)):
+        assert time.monotonic() < deadline, now
+        time.sleep(0.5)
+    return now
 
 
 def test_submitted_runs_respect_both_run_limits(
-        daemon_home: tuple[Path, dict[str, str]]) -> None:
-    home, env = daemon_home
+        daemon_home: tuple[Path, dict[str, str], Path]) -> None:
+    home, env, gate = daemon_home
     run_ids = []
     for name, partition in SUBMITS:
         submit = cli(env, "submit", name, "--partition", partition, timeout_s=180)
         assert submit.returncode == 0, submit.stderr
         run_ids.append(submit.stdout.strip())  # stdout is the run id alone
+    started, queued = dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        deadline = time.monotonic() + 300
-        while True:
-            records = instance.get_run_records(dg.RunsFilter(run_ids=run_ids))
-            if len(records) == len(SUBMITS) and all(r.dagster_run.is_finished for r in records):
-                break
-            assert time.monotonic() < deadline, [r.dagster_run.status for r in records]
-            time.sleep(1)
-    assert {r.dagster_run.status for r in records} == {dg.DagsterRunStatus.SUCCESS}
+        wait_for(instance, run_ids, lambda now: now[0] == now[2] == started)
+        # The held runs keep both slots: however long the daemon looks, the others wait.
+        time.sleep(DEQUEUE_INTERVALS_WATCHED * 1.0)  # dequeue_interval_seconds: 1
+        assert statuses(instance, run_ids) == [started, queued, started, queued]
+        gate.touch()
+        final = wait_for(instance, run_ids, lambda now: all(
+            s in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE) for s in now))
+        assert set(final) == {dg.DagsterRunStatus.SUCCESS}
+        records = instance.get_run_records(dg.RunsFilter(run_ids=run_ids))
     intervals = {r.dagster_run.run_id: (r.start_time, r.end_time) for r in records}
     assert all(start and end for start, end in intervals.values())
-    everything = list(intervals.values())
-    assert max_overlap(everything) == 2  # runs did overlap, never more than 2
+    assert max_overlap(list(intervals.values())) == 2  # runs did overlap, never more than 2
     for name in BATCHES:
         mine = [intervals[r.dagster_run.run_id] for r in records
                 if r.dagster_run.job_name == name]

@@ -160,6 +160,9 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
+    # A page's first load waits for the code location's snapshot: seconds on a busy machine,
+    # beyond expect's default of 5 s.
+    expect.set_options(timeout=30_000)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
