@@ -335,6 +335,9 @@ class Permit:
     gate: Gate
     holder: str
     entered: list[Bucket] = field(default_factory=list)
+    # When the gate let the attempt go (epoch seconds), taken beside the check that it was on
+    # time: a thread starved of CPU after that check still starts at its moment, on record.
+    granted_at: float = 0.0
 
     def release(self, error: BaseException | None) -> None:
         self.gate.release(self, error)
@@ -369,6 +372,7 @@ class Gate:
         `stop` is set meanwhile (nothing is taken then)."""
         permit = Permit(self, f"{HOST}:{os.getpid()}:{next(_holders)}")
         if self.idle:
+            permit.granted_at = time.time()
             return permit
         store = self._store()
         for bucket in [b for b in self.buckets if b.concurrency]:
@@ -379,16 +383,19 @@ class Gate:
                     return None
                 pause = min(0.2, pause * 1.5)
             permit.entered.append(bucket)
-        if not self._await_tokens(stop):
+        granted_at = self._await_tokens(stop)
+        if granted_at is None:
             self._leave(permit)
             return None
+        permit.granted_at = granted_at
         return permit
 
-    def _await_tokens(self, stop: threading.Event) -> bool:
-        """Take a token of each rate and wait for the moment it was promised; False if
-        `stop` came meanwhile. A caller that woke too late (its process was starved of CPU)
-        queues again: its moment is gone (giving it back would let the next caller start
-        early), and late callers must not start in a bunch with those on time."""
+    def _await_tokens(self, stop: threading.Event) -> float | None:
+        """Take a token of each rate and wait for the moment it was promised: that moment
+        (epoch seconds), or None if `stop` came meanwhile. A caller that woke too late (its
+        process was starved of CPU) queues again: its moment is gone (giving it back would let
+        the next caller start early), and late callers must not start in a bunch with those
+        on time."""
         store = self._store()
         rated = [b for b in self.buckets if b.rate_per_s]
         for _ in range(MAX_REQUEUES):
@@ -402,10 +409,11 @@ class Gate:
                     wait = max(wait, -tokens / rate)
             due = time.monotonic() + wait
             if wait and stop.wait(wait):
-                return False
-            if not wait or time.monotonic() - due <= max(0.005, LATE_SHARE / fastest):
-                return True
-        return True
+                return None
+            woke, granted_at = time.monotonic(), time.time()
+            if not wait or woke - due <= max(0.005, LATE_SHARE / fastest):
+                return granted_at
+        return time.time()
 
     def release(self, permit: Permit, error: BaseException | None) -> None:
         self._leave(permit)

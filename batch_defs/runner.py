@@ -150,7 +150,7 @@ class ItemRunner:
                     raise NotStarted()
                 return ItemOutcome(item, ItemStatus.FAILED, attempt - 1, started, time.time(),
                                    error=log[-1]["error"], attempt_log=log)
-            started = started or time.time()
+            started = started or (permit.granted_at if permit is not None else time.time())
             try:
                 result = self._attempt(item, attempt, permit)
                 output, cost, tokens = to_output(item, result, self.phase, self.merge)

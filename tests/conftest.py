@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +25,7 @@ from aiosmtpd.controller import Controller
 
 from batch_defs.definitions import build_definitions
 from tests import handlers
+from tests.cli_zygote import CLI, CliProcess, Zygote
 
 PROJECT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("BATCH_TEST_PG_URL",
@@ -159,7 +157,6 @@ def smtp_server() -> Iterator[tuple[Inbox, int]]:
         yield served
 
 
-CLI = [sys.executable, "-m", "batch_defs.cli"]
 
 
 @pytest.fixture
@@ -167,48 +164,6 @@ def cli_env(tmp_path: Path, batch_dir: Path) -> dict[str, str]:
     """Environment for the batch-defs command: its own DAGSTER_HOME and batch folder."""
     return {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "COLUMNS": "200",
             "BATCH_DEFS_PATH": str(batch_dir), "PYTHONPATH": str(PROJECT)}
-
-
-class Zygote:
-    """The CLI zygote (tests/cli_zygote.py) of this test process, started on first use."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen[str] | None = None
-        self.lock = threading.Lock()
-
-    def run(self, env: dict[str, str], args: tuple[str, ...],
-            timeout_s: int) -> subprocess.CompletedProcess[str] | None:
-        """The command's result; None when another thread is using the zygote, or when the
-        command's import path differs from the zygote's (its imports are done already)."""
-        if env.get("PYTHONPATH") != str(PROJECT) or not self.lock.acquire(blocking=False):
-            return None
-        try:
-            if self.process is None or self.process.poll() is not None:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "tests.cli_zygote"], cwd=PROJECT, text=True,
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    env={**os.environ, "PYTHONPATH": str(PROJECT), "COLUMNS": "200"})
-            with tempfile.TemporaryDirectory() as folder:
-                out, err = Path(folder, "stdout"), Path(folder, "stderr")
-                request = {"args": list(args), "env": env, "cwd": str(PROJECT),
-                           "stdout": str(out), "stderr": str(err), "timeout_s": timeout_s}
-                assert self.process.stdin and self.process.stdout
-                self.process.stdin.write(json.dumps(request) + "\n")
-                self.process.stdin.flush()
-                reply = self.process.stdout.readline()
-                assert reply, "the CLI zygote ended (tests/cli_zygote.py)"
-                code = json.loads(reply)["returncode"]
-                if code == -signal.SIGALRM:
-                    raise subprocess.TimeoutExpired([*CLI, *args], timeout_s)
-                return subprocess.CompletedProcess([*CLI, *args], code, out.read_text(),
-                                                   err.read_text())
-        finally:
-            self.lock.release()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
 
 
 ZYGOTE = Zygote()
@@ -220,14 +175,29 @@ def _stop_zygote() -> Iterator[None]:
     ZYGOTE.stop()
 
 
+def start_cli(env: dict[str, str], *args: str,
+              timeout_s: int = 240) -> CliProcess | subprocess.Popen[str]:
+    """`batch-defs ARGS` started in a process of its own, forked from a zygote that has the
+    imports done (tests/cli_zygote.py); a fresh interpreter when the zygote cannot serve it.
+    Either way: pid, poll, wait, communicate (text), kill, returncode."""
+    forked = ZYGOTE.spawn(env, args, timeout_s)
+    if forked is not None:
+        return forked
+    return subprocess.Popen([*CLI, *args], env=env, cwd=PROJECT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def cli(env: dict[str, str], *args: str, timeout_s: int = 240) -> subprocess.CompletedProcess[str]:
-    """`batch-defs ARGS` in a process of its own, forked from a zygote that has the imports
-    done (tests/cli_zygote.py); a plain subprocess while another thread uses the zygote."""
-    done = ZYGOTE.run(env, args, timeout_s)
-    if done is not None:
-        return done
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s, cwd=PROJECT)
+    """`batch-defs ARGS` run to its end (start_cli)."""
+    started = start_cli(env, *args, timeout_s=timeout_s)
+    if isinstance(started, CliProcess):
+        return started.result(timeout_s)
+    try:
+        out, err = started.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        started.kill()
+        raise
+    return subprocess.CompletedProcess(started.args, started.returncode, out, err)
 
 
 @pytest.fixture
@@ -260,7 +230,6 @@ def engine_plan(ledger: Any, handlers: list[Any], folder: Path, run_id: str = "r
 def running_daemon(home: Path, env: dict[str, str], log: Path) -> Iterator[None]:
     """A real dagster-daemon for `home` (it launches queued runs), stopped afterwards."""
     import contextlib
-    import signal
 
     import psutil
 

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from tests.conftest import PROJECT, fresh_pg_database, write_batch
+from tests.conftest import PROJECT, fresh_pg_database, start_cli, write_batch
 
 # One test process for everything on this machine's Redis: celery workers take any task on
 # the queue, and the shared limits' keys are the same in every test.
@@ -74,9 +74,7 @@ def celery_env(tmp_path: Path) -> Iterator[tuple[dict[str, str], str]]:
 
 def test_chunks_run_on_both_celery_workers(celery_env: tuple[dict[str, str], str]) -> None:
     env, url = celery_env
-    run = subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "run", "spread",
-                            "--partition", "p1"], env=env, cwd=PROJECT, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = start_cli(env, "run", "spread", "--partition", "p1")
     out, err = run.communicate(timeout=240)
     assert run.returncode == 0, out + err
     engine = sa.create_engine(url)

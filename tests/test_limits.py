@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def max_in_window(times: list[float], window: float = 1.0) -> int:
 
 
 def take(gate: Gate, calls: int, threads: int) -> list[float]:
-    """Starts of `calls` attempts made through `gate` by `threads` threads."""
+    """Starts of `calls` attempts made through `gate` by `threads` threads, as granted."""
     starts: list[float] = []
     lock = threading.Lock()
     left = [calls]
@@ -53,9 +54,9 @@ def take(gate: Gate, calls: int, threads: int) -> list[float]:
                     return
                 left[0] -= 1
             permit = gate.acquire(threading.Event())
-            assert permit is not None
+            assert permit is not None and permit.granted_at <= time.time()
             with lock:
-                starts.append(time.time())
+                starts.append(permit.granted_at)  # what the engine records as started_at
             permit.release(None)
 
     pool = [threading.Thread(target=worker) for _ in range(threads)]
@@ -223,3 +224,29 @@ def test_a_stop_ends_the_wait_for_a_token(unit_ledger: Ledger) -> None:
     began = time.monotonic()
     assert gate.acquire(stop) is None  # would have waited 5 s
     assert time.monotonic() - began < 2
+
+
+@pytest.mark.unit
+def test_an_item_starts_on_record_when_its_gate_let_it_go(unit_ledger: Ledger) -> None:
+    """A slot starved of CPU between the gate's on-time check and its handler call still
+    records the moment it was granted, so recorded starts keep the limit's spacing."""
+    from batch_defs.items import Item
+    from batch_defs.runner import ItemRunner
+    from batch_defs.spec import RetrySpec
+
+    gate = Gate(LedgerLimitStore(unit_ledger), [Bucket("paced", "limit paced", 20.0)])
+    granted: list[float] = []
+    acquire = gate.acquire
+
+    def starved_acquire(stop: threading.Event) -> Any:
+        permit = acquire(stop)
+        granted.append(permit.granted_at)
+        time.sleep(0.2)  # the slot's thread waits for the CPU after its grant
+        return permit
+
+    gate.acquire = starved_acquire  # type: ignore[method-assign]
+    runner = ItemRunner(lambda item, attempt: {"ok": True}, "phase", RetrySpec(), None, True,
+                        threading.Event(), gate)
+    outcomes = [runner.run(Item(str(n), n, {})) for n in range(3)]
+    assert [o.started_at for o in outcomes] == granted
+    assert all(o.finished_at - o.started_at >= 0.2 for o in outcomes)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -28,6 +26,7 @@ from tests.conftest import (
     fresh_pg_database,
     run_batch,
     serve_smtp,
+    start_cli,
     write_batch,
 )
 from tests.test_limits import max_in_window
@@ -100,10 +99,7 @@ def test_three_batches_sharing_a_limit_never_exceed_it_together(tmp_path: Path,
         inbox.handle_DATA = timed  # type: ignore[method-assign]
         env = {**os.environ, "DAGSTER_HOME": str(pg_home), "BATCH_DEFS_PATH": str(batch_dir),
                "PYTHONPATH": str(PROJECT), "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port)}
-        runs = [subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "run", name,
-                                  "--partition", "p1"], env=env, cwd=PROJECT, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                for name in names]
+        runs = [start_cli(env, "run", name, "--partition", "p1") for name in names]
         for run in runs:
             out, err = run.communicate(timeout=240)
             assert run.returncode == 0, out + err

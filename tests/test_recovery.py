@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from resources.storage import BatchStorageResource
-from tests.conftest import CLI, cli, inline_items, write_batch
+from tests.conftest import cli, inline_items, start_cli, write_batch
 
 pytestmark = pytest.mark.cli
 
@@ -89,8 +88,7 @@ def test_killed_worker_resumes_without_rerunning_finished_items(
         env: dict[str, str], batch_dir: Path, tmp_path: Path) -> None:
     calls, home = tmp_path / "calls.db", tmp_path / "home"
     counted_batch(batch_dir, calls, items=500, ms=40)
-    worker = subprocess.Popen([*CLI, "run", "durable", "--partition", "nov"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = start_cli(env, "run", "durable", "--partition", "nov")
     wait_for(lambda: succeeded_so_far(home) >= 250)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
@@ -119,8 +117,7 @@ def test_pause_then_resume_runs_every_item_exactly_once(
     # gate, which opens once the pause is asked for: the run is paused mid-way.
     gate = tmp_path / "gate"
     counted_batch(batch_dir, calls, items=300, ms=100, gate={"gate": str(gate), "open_for": 100})
-    worker = subprocess.Popen([*CLI, "run", "durable", "--partition", "nov"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    worker = start_cli(env, "run", "durable", "--partition", "nov")
     wait_for(lambda: succeeded_so_far(home) >= 100)
     run_id = only_run_id(home)
     paused = cli(env, "pause", run_id, "--no-wait")
@@ -170,8 +167,7 @@ def test_cancel_stops_the_run_and_resume_finishes_it(
         env: dict[str, str], batch_dir: Path, tmp_path: Path) -> None:
     calls, home = tmp_path / "calls.db", tmp_path / "home"
     counted_batch(batch_dir, calls, items=300, ms=100)
-    worker = subprocess.Popen([*CLI, "run", "durable", "--partition", "nov"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = start_cli(env, "run", "durable", "--partition", "nov")
     wait_for(lambda: succeeded_so_far(home) >= 50)
     run_id = only_run_id(home)
     canceled = cli(env, "cancel", run_id, "--grace", "20")

@@ -8,7 +8,6 @@ import html.parser
 import io
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from batch_defs.report import (
     write_report,
 )
 from resources.storage import BatchStorageResource
-from tests.conftest import CLI, PROJECT, cli, inline_items, run_batch, write_batch
+from tests.conftest import cli, inline_items, run_batch, start_cli, write_batch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -261,8 +260,7 @@ def test_status_watch_follows_a_run_of_another_process(env: dict[str, str],
                     "params": {"function": "tests.handlers:sleep_ms", "ms": 50}}],
         "options": {"concurrency": 2},
     })
-    runner = subprocess.Popen([*CLI, "run", "slow", "--partition", "p"], env=env, cwd=PROJECT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runner = start_cli(env, "run", "slow", "--partition", "p")
     try:
         run_id = None
         deadline = time.monotonic() + 60

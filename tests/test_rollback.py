@@ -24,7 +24,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from resources.storage import open_ledger
-from tests.conftest import PROJECT, cli, run_batch, write_batch
+from tests.conftest import PROJECT, cli, run_batch, start_cli, write_batch
 
 pytestmark = pytest.mark.integration
 
@@ -206,17 +206,13 @@ def test_rollback_on_cancel_undoes_what_a_canceled_run_created(
     records.create_ms, records.hold_after = 400, 10  # 50 items at concurrency 2: 10 s
     records_batch(batch_dir, server, rollback_on=["cancel"], concurrency=2)
     env = home_env(dagster_home, batch_dir)
-    run = subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "run", "records",
-                            "--partition", "p1"], env=env, cwd=PROJECT, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = start_cli(env, "run", "records", "--partition", "p1")
     deadline = time.monotonic() + 120
     while len(records.created) < 10:
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.05)
     run_id = instance.get_runs(limit=1)[0].run_id
-    cancel = subprocess.Popen([sys.executable, "-m", "batch_defs.cli", "cancel", run_id,
-                               "--grace", "60"], env=env, cwd=PROJECT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cancel = start_cli(env, "cancel", run_id, "--grace", "60")
     with open_ledger(instance) as ledger:  # the cancel is asked for: let the held items go
         while ledger.stop_request(run_id) is None:
             assert cancel.poll() is None and time.monotonic() < deadline, cancel.communicate()

@@ -6,6 +6,7 @@ import base64
 import csv
 import json
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import pytest
 
 from assets.results import results_asset_key
 from resources.storage import BatchStorageResource
-from tests.conftest import cli, run_batch, write_batch
+from tests.cli_zygote import CliProcess
+from tests.conftest import cli, run_batch, start_cli, write_batch
 
 VOCABULARY = ("items", "succeeded", "failed", "invalid", "rejected", "skipped")
 
@@ -234,20 +236,18 @@ def test_the_report_step_writes_the_real_report_and_iso_exports(
 @pytest.mark.cli
 def test_submit_without_a_daemon_warns_and_watch_says_queued(cli_env: dict[str, str],
                                                              batch_dir: Path) -> None:
-    import subprocess
-    import time
-
-    from tests.conftest import CLI, PROJECT
-
     outcome_batch(batch_dir)
     submitted = cli(cli_env, "submit", "sorted", "--partition", "q1")
     assert submitted.returncode == 0, submitted.stderr
     run_id = submitted.stdout.strip().splitlines()[-1]
     assert "warning: no dagster-daemon is running for this instance" in submitted.stderr
-    watcher = subprocess.Popen([*CLI, "status", run_id, "--watch"], env=cli_env, cwd=PROJECT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watcher = start_cli(cli_env, "status", run_id, "--watch")
+    assert isinstance(watcher, CliProcess)  # its output is a file, readable while it runs
     try:
-        time.sleep(5)  # the watcher's first look at the run
+        deadline = time.monotonic() + 60
+        while "is queued" not in watcher.stderr_text():  # the watcher's first look at the run
+            assert watcher.poll() is None and time.monotonic() < deadline, watcher.stderr_text()
+            time.sleep(0.1)
         assert cli(cli_env, "cancel", run_id).returncode == 0  # a queued run leaves the queue
         out, err = watcher.communicate(timeout=60)
     finally:

@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,15 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from tests.conftest import CLI, PROJECT, cli, fresh_pg_database, inline_items, write_batch
+from tests.cli_zygote import CliProcess
+from tests.conftest import (
+    PROJECT,
+    cli,
+    fresh_pg_database,
+    inline_items,
+    start_cli,
+    write_batch,
+)
 
 pytestmark = pytest.mark.cli
 
@@ -103,8 +110,7 @@ def test_a_crash_mid_phase_reruns_only_the_items_in_flight(home: Path, batch_dir
     env = {**os.environ, "DAGSTER_HOME": str(home), "BATCH_DEFS_PATH": str(batch_dir),
            "PYTHONPATH": str(PROJECT), "COLUMNS": "200"}
     kill_at = random.Random().randint(200, 1800)
-    worker = subprocess.Popen([*CLI, "run", "durable", "--partition", "nov"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = start_cli(env, "run", "durable", "--partition", "nov")
     wait_for(lambda: len(calls_made(calls)) >= kill_at)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
@@ -141,9 +147,7 @@ def test_two_runs_of_one_partition_at_once(env: dict[str, str], batch_dir: Path,
     write_batch(batch_dir, {"name": "twice", "source": inline_items(300),
                             "phases": counted_phases(calls, 2, 10),
                             "options": {"concurrency": 10}})
-    launches = [subprocess.Popen([*CLI, "run", "twice", "--partition", "p"], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for _ in range(2)]
+    launches = [start_cli(env, "run", "twice", "--partition", "p") for _ in range(2)]
     outputs = [launch.communicate(timeout=240) for launch in launches]
     codes = sorted(launch.returncode for launch in launches)
     assert codes[0] == 0 and codes[1] != 0, outputs
@@ -166,15 +170,14 @@ def test_a_waiting_launch_runs_once_the_partition_is_free(env: dict[str, str],
                             "phases": counted_phases(calls, 1, 100, gate=str(gate),
                                                      open_for=5),
                             "options": {"concurrency": 4}})
-    first = subprocess.Popen([*CLI, "run", "queued", "--partition", "p"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start_cli(env, "run", "queued", "--partition", "p")
     wait_for(lambda: len(calls_made(calls)) >= 5)
-    second = subprocess.Popen([*CLI, "run", "queued", "--partition", "p", "--wait"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert second.stderr is not None
+    second = start_cli(env, "run", "queued", "--partition", "p", "--wait")
+    assert isinstance(second, CliProcess)  # its output is a file, readable while it runs
     said = ""
-    while "waiting for run" not in said and (line := second.stderr.readline()):
-        said += line  # until it says whom it waits for (or ends without saying so)
+    while "waiting for run" not in said and second.poll() is None:
+        time.sleep(0.05)  # until it says whom it waits for (or ends without saying so)
+        said = second.stderr_text()
     gate.touch()
     out, err = second.communicate(timeout=240)
     first.communicate(timeout=240)
@@ -219,8 +222,7 @@ def test_shell_commands_end_with_a_killed_run_and_resume_ends_their_children(
                     "params": {"argv": ["sh", "spawn.sh"],
                                "env": {"PIDS": str(pids), "KEY": "{{ key }}"}}}],
         "options": {"concurrency": 3}})
-    worker = subprocess.Popen([*CLI, "run", "spawner", "--partition", "p"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = start_cli(env, "run", "spawner", "--partition", "p")
     wait_for(lambda: len(list(pids.glob("*.child"))) == 3)
     children = [int(p.read_text()) for p in pids.glob("*.child")]
     wait_for(lambda: len(list(pids.glob("*.main"))) == 3)
@@ -254,8 +256,7 @@ def test_a_run_killed_in_an_after_step_never_reads_succeeded(env: dict[str, str]
         "after": [{"task": "python", "name": "slow_after",
                    "params": {"function": "tests.handlers:after_then_wait",
                               "marker": str(marker)}}]})
-    worker = subprocess.Popen([*CLI, "run", "late", "--partition", "p"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = start_cli(env, "run", "late", "--partition", "p")
     wait_for(lambda: marker.exists())
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
@@ -285,8 +286,7 @@ def test_five_runs_on_a_fresh_home_at_once(env: dict[str, str], batch_dir: Path)
                                 "phases": [{"name": "work", "task": "python",
                                             "params": {"function": "tests.handlers:sleep_ms",
                                                        "ms": 5}}]})
-    launches = [subprocess.Popen([*CLI, "run", f"fresh{n}"], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for n in range(5)]
+    launches = [start_cli(env, "run", f"fresh{n}") for n in range(5)]
     outputs = [launch.communicate(timeout=240) for launch in launches]
     assert [launch.returncode for launch in launches] == [0] * 5, outputs
     # And the instance stays usable.
