@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -20,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from batch_defs.loader import PACKAGE_BATCHES
-from tests.conftest import PROJECT, cli, inline_items, write_batch
+from tests.conftest import CLI, PROJECT, cli, inline_items, write_batch
 
 pytestmark = pytest.mark.cli
 
@@ -28,10 +27,22 @@ DG = str(Path(sys.executable).with_name("dg"))
 DAGSTER = [sys.executable, "-m", "dagster"]
 
 
-def run_tool(env: dict[str, str], *command: str, timeout: float = 240
+def run_tool(env: dict[str, str], *command: str, timeout: float = 240, cwd: Path = PROJECT
              ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(command), env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=PROJECT)
+                          timeout=timeout, cwd=cwd)
+
+
+def project_copy(folder: Path) -> Path:
+    """The project's code and settings in `folder`: `dg scaffold defs` writes into the
+    project's defs folder, which other tests read meanwhile (and a test leaves the checkout
+    as it found it)."""
+    for package in ("batch_defs", "assets", "resources", "sensors"):
+        shutil.copytree(PROJECT / package, folder / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "workspace.yaml"):
+        shutil.copy(PROJECT / name, folder / name)
+    return folder
 
 
 def doorway(batch_dir: Path, items: int = 12) -> None:
@@ -216,25 +227,24 @@ def test_batches_needing_a_missing_extra_load_and_say_which_to_install(
 
 
 def test_dg_scaffold_defs_makes_a_batch_that_runs_and_dg_check_yaml_names_the_line(
-        env: dict[str, str]) -> None:
-    name = f"scaffolded_{uuid.uuid4().hex[:6]}"
-    folder = PACKAGE_BATCHES / name
+        env: dict[str, str], tmp_path: Path) -> None:
+    project = project_copy(tmp_path / "project")
+    name = "scaffolded"
+    folder = project / "batch_defs" / "batches" / name
     env = {k: v for k, v in env.items() if k != "BATCH_DEFS_PATH"}  # the shipped folder
-    try:
-        made = run_tool(env, DG, "scaffold", "defs", "batch_defs.components.Batch", name)
-        assert made.returncode == 0, made.stderr[-2000:]
-        assert (folder / "defs.yaml").exists()
-        ran = cli(env, "run", name, "--partition", "first")
-        assert ran.returncode == 0, ran.stdout + ran.stderr
-        assert "3 items: 3 succeeded" in ran.stdout
+    env["PYTHONPATH"] = str(project)
+    made = run_tool(env, DG, "scaffold", "defs", "batch_defs.components.Batch", name, cwd=project)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (folder / "defs.yaml").exists()
+    ran = run_tool(env, *CLI, "run", name, "--partition", "first", cwd=project)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "3 items: 3 succeeded" in ran.stdout
 
-        text = (folder / "defs.yaml").read_text()
-        (folder / "defs.yaml").write_text(text.replace("  description:", "  itemz: 3\n"
-                                                                         "  description:"))
-        line = (folder / "defs.yaml").read_text().splitlines().index("  itemz: 3") + 1
-        checked = run_tool(env, DG, "check", "yaml", str(folder))
-        assert checked.returncode == 1
-        assert f"{name}/defs.yaml:{line} - batch_defs.components.Batch attributes.itemz" \
-            in checked.stdout + checked.stderr
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    text = (folder / "defs.yaml").read_text()
+    (folder / "defs.yaml").write_text(text.replace("  description:", "  itemz: 3\n"
+                                                                     "  description:"))
+    line = (folder / "defs.yaml").read_text().splitlines().index("  itemz: 3") + 1
+    checked = run_tool(env, DG, "check", "yaml", str(folder), cwd=project)
+    assert checked.returncode == 1
+    assert f"{name}/defs.yaml:{line} - batch_defs.components.Batch attributes.itemz" \
+        in checked.stdout + checked.stderr
