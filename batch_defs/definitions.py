@@ -106,10 +106,12 @@ def build_definitions(paths: Iterable[Path] | None = None) -> dg.Definitions:
     )
 
 
+@functools.cache
 def component_type_docs() -> dg.Definitions:
     """The metadata through which the Dagster UI documents the project's component types
     (the Batch component and its every field), which `dg.load_from_defs_folder` would add:
     batches are loaded one by one here instead, so that one broken file cannot fail them all.
+    Built once per process: it renders every installed component type's JSON schema.
     """
     from dagster.components.core.load_defs import get_library_json_enriched_defs
 

@@ -127,6 +127,9 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5, 2.8), dpi=90)
+    # Fixed margins that fit the titles and tick labels: tight_layout measured every text
+    # and took half of each chart's time (every run renders two).
+    figure.subplots_adjust(left=0.085, right=0.985, top=0.9, bottom=0.17)
     axes = figure.add_subplot()
     axes.set_title(title, fontsize=10)
     axes.set_xlabel(xlabel, fontsize=9)
@@ -139,7 +142,6 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
 def _png(figure: Any) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    figure.tight_layout()
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return buffer.getvalue()

@@ -6,15 +6,15 @@ add one); the version lives in the table batch_ledger_version.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
+
+if TYPE_CHECKING:  # Alembic is imported when a ledger needs a change, not by every command
+    from alembic.config import Config
 
 # Not alembic_version: Dagster's own schema keeps its version there, in the same Postgres database.
 VERSION_TABLE = "batch_ledger_version"
@@ -31,14 +31,20 @@ class LedgerSchemaError(RuntimeError):
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:
     """Alembic's configuration of the ledger revisions (no alembic.ini), migrating `connection`."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", SCRIPT_LOCATION)
     config.attributes["connection"] = connection
     return config
 
 
+@functools.cache
 def head_revision() -> str:
-    """The revision this code expects: the newest one in ledger_migrations/versions."""
+    """The revision this code expects: the newest one in ledger_migrations/versions (read
+    once per process: Alembic loads every revision script to find it)."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "ledger_migrations/versions holds no revision"
     return head
@@ -46,6 +52,8 @@ def head_revision() -> str:
 
 def stored_revision(connection: sa.Connection) -> str | None:
     """The database's revision; None for a new ledger or one written before versioning."""
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(
         connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
@@ -59,6 +67,8 @@ def upgrade(engine: sa.Engine) -> None:
     head = head_revision()
     if _quick_revision(engine) == head:
         return
+    from alembic import command
+
     with _exclusive(engine) as conn:
         current = stored_revision(conn)
         if current == head:
@@ -80,6 +90,8 @@ def downgrade(engine: sa.Engine, revision: str) -> None:
 
     Columns and tables that revision does not have are dropped with their data.
     """
+    from alembic import command
+
     with _exclusive(engine) as conn:
         current = stored_revision(conn)
         if current is None:
@@ -89,6 +101,8 @@ def downgrade(engine: sa.Engine, revision: str) -> None:
 
 def _migrate(engine: sa.Engine, config: Config, current: str | None, target: str,
              step: Callable[[Config, str], None]) -> None:
+    from alembic.util import CommandError
+
     try:
         step(config, target)
     except (sa.exc.SQLAlchemyError, CommandError) as exc:
@@ -130,6 +144,8 @@ def _unversioned_revision(conn: sa.Connection) -> str | None:
 
 
 def _known_revisions(config: Config) -> set[str]:
+    from alembic.script import ScriptDirectory
+
     return {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
 
 

@@ -155,7 +155,8 @@ def test_one_ledger_configuration_is_used_by_ops_cli_sensors_and_reports(
         cli_env: dict[str, str], batch_dir: Path, tmp_path: Path,
         httpserver: HTTPServer) -> None:
     httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
-    home, elsewhere = Path(cli_env["DAGSTER_HOME"]), tmp_path / "elsewhere.db"
+    home, elsewhere = tmp_path / "configured_home", tmp_path / "elsewhere.db"
+    cli_env = {**cli_env, "DAGSTER_HOME": str(home)}
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     (home / SETTINGS_FILE).write_text(f"ledger_url: sqlite:///{elsewhere}\n")
