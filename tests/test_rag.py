@@ -19,6 +19,9 @@ from resources.llm import LlmResource
 from resources.storage import BatchStorageResource
 from tests.conftest import PROJECT, run_batch, write_batch
 
+# One xdist group for the tests that load the embedding model: torch loads once.
+pytestmark = pytest.mark.xdist_group("embed")
+
 CORPUS = PROJECT / "tests" / "data" / "rag_corpus"
 QUESTIONS = [json.loads(line) for line in
              (PROJECT / "tests" / "data" / "rag_questions.jsonl").read_text().splitlines()]

@@ -151,6 +151,7 @@ def fake_llm() -> Iterator[str]:
 
 @pytest.mark.job
 @pytest.mark.integration
+@pytest.mark.xdist_group("embed")  # with the other tests that load the embedding model
 def test_document_pipeline_records_tokens_and_cost(instance: dg.DagsterInstance, fake_llm: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)

@@ -21,7 +21,8 @@ from batch_defs.tasks.embed import EmbedParams
 from resources.storage import BatchStorageResource
 from tests.conftest import run_batch, write_batch
 
-pytestmark = pytest.mark.integration
+# One xdist group for the tests that load the embedding model: torch loads once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("embed")]
 
 
 def is_loopback(host: str) -> bool:
