@@ -33,6 +33,15 @@ PG_ADMIN_URL = os.environ.get("BATCH_TEST_PG_URL",
                               "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 
+# Tests that mostly wait (for daemons, webservers, browsers, queued runs) go first: under
+# xdist they then wait beside the CPU-bound rest instead of after it, at the suite's end.
+WAITING_MARKERS = ("daemon", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in WAITING_MARKERS))
+
+
 @pytest.fixture(autouse=True)
 def _reset_handlers() -> None:
     handlers.reset()

@@ -215,6 +215,22 @@ def open_run(page: Page, server: DagsterDev, short_id: str) -> None:
     expect(page).to_have_url(re.compile(rf"/runs/{short_id}"))
 
 
+def first_visit(browser: Browser, server: DagsterDev, batch: str) -> Page:
+    """A new page (a first visit: no stored state) on the batch's job page, once Dagster's
+    first-visit community dialog has come and gone: it comes a moment after the page, and
+    over a launch dialog its Skip button cannot be reached."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(30_000)
+    community = page.get_by_text("Join the Dagster community")
+    page.add_locator_handler(community, lambda: page.get_by_role("button", name="Skip").click())
+    page.goto(f"{server.url}/locations/{LOCATION}/jobs/{batch}")
+    expect(page.get_by_text(f"Asset: {batch}/results")).to_be_visible()
+    with contextlib.suppress(AssertionError):
+        expect(community).to_be_visible(timeout=10_000)
+    expect(community).to_have_count(0)
+    return page
+
+
 def run_status(page: Page) -> Locator:
     """The status pill in the run page's header (Queued, Started, Success, Failure)."""
     return page.get_by_text(
@@ -223,15 +239,8 @@ def run_status(page: Page) -> Locator:
 
 def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: DagsterDev,
                                                             browser: Browser) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.set_default_timeout(30_000)
-    # Dagster's first-visit community dialog covers the page; dismiss it whenever it shows.
-    page.add_locator_handler(page.get_by_text("Join the Dagster community"),
-                             lambda: page.get_by_role("button", name="Skip").click())
-
     # The batch is a job; launching it adds a partition and materializes its results asset.
-    page.goto(f"{dagster_dev.url}/locations/{LOCATION}/jobs/{BATCH}")
-    expect(page.get_by_text(f"Asset: {BATCH}/results")).to_be_visible()
+    page = first_visit(browser, dagster_dev, BATCH)
     shot(page, "01-job")
     first = launch_partition(page, dagster_dev, "2026-11")
     open_run(page, dagster_dev, first)
@@ -315,18 +324,7 @@ def test_launch_watch_inspect_fail_and_reexecute_from_the_ui(dagster_dev: Dagste
 
 def test_a_failed_runs_items_and_checks_and_a_running_batchs_progress_in_the_ui(
         dagster_dev: DagsterDev, browser: Browser) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.set_default_timeout(30_000)
-    page.add_locator_handler(page.get_by_text("Join the Dagster community"),
-                             lambda: page.get_by_role("button", name="Skip").click())
-
-    # The first visit's community dialog comes a moment after the page: let it come and go
-    # before a launch dialog opens.
-    page.goto(f"{dagster_dev.url}/locations/{LOCATION}/jobs/{STRICT}")
-    expect(page.get_by_text(f"Asset: {STRICT}/results")).to_be_visible()
-    with contextlib.suppress(AssertionError):
-        expect(page.get_by_text("Join the Dagster community")).to_be_visible(timeout=10_000)
-    expect(page.get_by_text("Join the Dagster community")).to_have_count(0)
+    page = first_visit(browser, dagster_dev, STRICT)
 
     # Three items fail where one is tolerated: the run fails, and says which and why.
     failing = launch_partition(page, dagster_dev, "bad-data", STRICT)
