@@ -6,8 +6,8 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist; 0: one process). Three on 2 cores: a third of the suite's time
 # is spent waiting on servers, daemons and real-time limits (measured on this machine: serial
-# 28 min, -n 2 10.9 min, -n 3 10.3-10.6 min, docs/benchmarks.md). Tests that share a server or
-# a loaded model say so with xdist_group.
+# 28 min, three processes 7.5 min, docs/benchmarks.md). Tests that share a server or a loaded
+# model say so with xdist_group.
 TEST_WORKERS ?= 3
 
 .PHONY: install home demo test test-fast lint ui bench bench-speed bench-peers bench-million clean

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import dagster as dg
 
-from batch_defs.control import HOST, describe_holder, holder_is_live, take_over
+from batch_defs.control import HOST, describe_holder, ensure_partition, holder_is_live, take_over
 from batch_defs.engine import RunEngine, RunPlan
 from batch_defs.env import expand_env
 from batch_defs.fanout import spool_source
@@ -304,8 +304,7 @@ def join_batch(context: dg.OpExecutionContext, spec: BatchSpec) -> None:
             f"in the UI, `dagster job launch -j {spec.name}`, `batch-defs submit "
             f"{spec.name}`)", allow_retries=False)
     partition = context.partition_key
-    if not context.instance.has_dynamic_partition(spec.name, partition):
-        context.instance.add_dynamic_partitions(spec.name, [partition])
+    ensure_partition(context.instance, spec.name, partition)
     context.instance.add_run_tags(context.run_id, {
         "batch/name": spec.name, **spec.tags, "batch/state": RunState.RUNNING.value})
 

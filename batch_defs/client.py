@@ -193,8 +193,7 @@ class BatchClient:
         # The same validation as the file's.
         with_overrides(loaded.spec, data, sets, base_dir=loaded.base_dir)
         key = check_partition_key(partition or partition_key(data))
-        if not self.instance.has_dynamic_partition(name, key):
-            self.instance.add_dynamic_partitions(name, [key])
+        control.ensure_partition(self.instance, name, key)
         control.wait_for_partition(self.instance, self.ledger, name, key, wait, on_wait)
         return Launch(name, key, run_config_for(data, sets, log_level))
 
@@ -344,8 +343,7 @@ class BatchClient:
             data = self.launch_store.items_path(ident)
         data_path = str(Path(data).expanduser().resolve()) if data else None
         with_overrides(loaded.spec, data_path, sets)  # checked now, not when the run starts
-        if not self.instance.has_dynamic_partition(name, key):
-            self.instance.add_dynamic_partitions(name, [key])
+        control.ensure_partition(self.instance, name, key)
         self.launch_store.save(LaunchRecord(id=ident, batch=name, partition=key,
                                             created_at=time.time(), data=data_path,
                                             items=count, sets=list(sets)))

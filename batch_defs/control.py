@@ -40,6 +40,19 @@ class ControlError(RuntimeError):
     """A request about a run that cannot be carried out; the message says why and what to do."""
 
 
+def ensure_partition(instance: dg.DagsterInstance, batch: str, key: str) -> None:
+    """Add the batch's dynamic partition unless it exists, before any item runs. Two launches
+    of one new partition at once both find it missing: the later add fails on the storage's
+    unique key, and the partition is there, which is all either launch needs."""
+    if instance.has_dynamic_partition(batch, key):
+        return
+    try:
+        instance.add_dynamic_partitions(batch, [key])
+    except Exception:
+        if not instance.has_dynamic_partition(batch, key):
+            raise
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -48,6 +48,8 @@ class BatchRunCoordinator(dg.QueuedRunCoordinator):
     run's partition added if it is new (as the fan-out would, only earlier)."""
 
     def submit_run(self, context: dg.SubmitRunContext) -> dg.DagsterRun:
+        from batch_defs.control import ensure_partition
+
         run = context.dagster_run
         batch = batch_of(run)
         if batch is not None:
@@ -56,7 +58,7 @@ class BatchRunCoordinator(dg.QueuedRunCoordinator):
             if missing:
                 instance.add_run_tags(run.run_id, missing)
             partition = run.tags.get("dagster/partition")
-            if partition and not instance.has_dynamic_partition(batch, partition):
-                instance.add_dynamic_partitions(batch, [partition])
+            if partition:
+                ensure_partition(instance, batch, partition)
             run = instance.get_run_by_id(run.run_id) or run
         return super().submit_run(context._replace(dagster_run=run))

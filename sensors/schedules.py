@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.factory import BatchJob
+from batch_defs.control import ensure_partition
 from batch_defs.loader import LoadedBatch
 
 
@@ -20,8 +21,7 @@ def build_schedule(loaded: LoadedBatch,
     def schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         key = context.scheduled_execution_time.strftime("%Y-%m-%dT%H%M")
         # Schedules cannot request dynamic partitions like sensors do; the instance can.
-        if not context.instance.has_dynamic_partition(spec.name, key):
-            context.instance.add_dynamic_partitions(spec.name, [key])
+        ensure_partition(context.instance, spec.name, key)
         return dg.RunRequest(run_key=key, partition_key=key,
                              tags={"batch/launched_by": "schedule"})
 

@@ -187,3 +187,33 @@ def test_one_ledger_configuration_is_used_by_ops_cli_sensors_and_reports(
         end_of_run(build_definitions([batch_dir]), inst, run_id)
     hook = json.loads(httpserver.log[0][0].get_data())
     assert hook["counts"]["failed"] == 1 and hook["counts"]["succeeded"] == 29
+
+
+@pytest.mark.unit
+def test_a_partition_added_meanwhile_by_another_launch_is_no_error(
+        instance: dg.DagsterInstance) -> None:
+    """Two launches of one new partition at once both find it missing; the later insert hits
+    the storage's unique key (seen: two `batch-defs run` of a new partition started together
+    failed with `IntegrityError: UNIQUE constraint failed: dynamic_partitions...`)."""
+
+    class RacedInstance:
+        """The instance as the later launch saw it: missing at its look, then added by the
+        other launch just before its own insert."""
+
+        def has_dynamic_partition(self, batch: str, key: str) -> bool:
+            return instance.has_dynamic_partition(batch, key)
+
+        def add_dynamic_partitions(self, batch: str, keys: list[str]) -> None:
+            instance.add_dynamic_partitions(batch, keys)  # the other launch's insert
+            raise sa.exc.IntegrityError("INSERT INTO dynamic_partitions", {},
+                                        Exception("UNIQUE constraint failed"))
+
+    control.ensure_partition(RacedInstance(), "twice", "p")  # type: ignore[arg-type]
+    assert instance.get_dynamic_partitions("twice") == ["p"]
+
+    class Broken(RacedInstance):
+        def add_dynamic_partitions(self, batch: str, keys: list[str]) -> None:
+            raise RuntimeError("storage down")
+
+    with pytest.raises(RuntimeError, match="storage down"):  # any other failure surfaces
+        control.ensure_partition(Broken(), "other", "q")  # type: ignore[arg-type]
