@@ -26,9 +26,8 @@ from aiosmtpd.controller import Controller
 
 from batch_defs.definitions import build_definitions
 from tests import handlers
-from tests.cli_zygote import CLI, CliProcess, Zygote
+from tests.cli_zygote import CLI, PROJECT, CliProcess, Zygote
 
-PROJECT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("BATCH_TEST_PG_URL",
                               "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
@@ -189,12 +188,10 @@ def smtp_server() -> Iterator[tuple[Inbox, int]]:
         yield served
 
 
-
-
 @pytest.fixture
 def cli_env(tmp_path: Path, batch_dir: Path, home_templates: dict[str, Path]) -> dict[str, str]:
-    """Environment for the batch-defs command: its own DAGSTER_HOME (set up by a first
-    command, with the project's dagster.yaml) and batch folder."""
+    """Environment for the batch-defs command: its own DAGSTER_HOME (a copy of one set up as
+    a first command sets it up, with the project's dagster.yaml) and batch folder."""
     shutil.copytree(home_templates["project"], tmp_path / "home")
     return {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "COLUMNS": "200",
             "BATCH_DEFS_PATH": str(batch_dir), "PYTHONPATH": str(PROJECT)}
