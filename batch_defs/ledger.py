@@ -255,6 +255,47 @@ class ItemPage:
 
 
 @dataclass(frozen=True)
+class RowGroup:
+    """A run's rows that share phase, status, skip cause and whether they were carried over
+    from an earlier run: the unit of every count in a run's summary."""
+
+    phase: str
+    status: str
+    skip_cause: str | None
+    reused: bool
+    rows: int
+    cost: float
+    tokens: int
+    last_finished: float | None
+
+    @property
+    def passes(self) -> bool:
+        """The item goes on to its next phase (see `passes_row`)."""
+        return self.status == ItemStatus.SUCCEEDED or (
+            self.status == ItemStatus.SKIPPED and self.skip_cause == SkipCause.CONDITION)
+
+
+def passes_row() -> Any:
+    """SQL: an item row after which the item goes on (it succeeded, or a `when:` condition
+    skipped it); any other row stops the item there."""
+    t = item_table.c
+    return sa.or_(t.status == ItemStatus.SUCCEEDED.value,
+                  sa.and_(t.status == ItemStatus.SKIPPED.value,
+                          t.skip_cause == SkipCause.CONDITION.value))
+
+
+def stops_row() -> Any:
+    """SQL: the opposite of `passes_row`, written as a status list so that the (run_id,
+    status) index finds the few stopping rows of a large run without reading the rest."""
+    t = item_table.c
+    stopping = [s.value for s in ItemStatus if s not in (ItemStatus.SUCCEEDED,
+                                                          ItemStatus.SKIPPED)]
+    return sa.or_(t.status.in_(stopping),
+                  sa.and_(t.status == ItemStatus.SKIPPED.value,
+                          sa.func.coalesce(t.skip_cause, "") != SkipCause.CONDITION.value))
+
+
+@dataclass(frozen=True)
 class DeletedRows:
     """What deleting a partition took out of the ledger."""
 
@@ -552,6 +593,53 @@ class Ledger:
                  .where(t.run_id == run_id).group_by(t.phase, t.status))
         with self.engine.connect() as conn:
             return {(phase, status): n for phase, status, n in conn.execute(query)}
+
+    def row_groups(self, run_id: str) -> list[RowGroup]:
+        """The run's rows counted by phase, status, skip cause and carried-over, with their
+        cost, tokens and last finish: one aggregate query, whatever the run's size."""
+        t = item_table.c
+        reused = t.reused_from.is_not(None).label("reused")
+        query = (sa.select(t.phase, t.status, t.skip_cause, reused, sa.func.count(),
+                           sa.func.coalesce(sa.func.sum(t.cost), 0.0),
+                           sa.func.coalesce(sa.func.sum(t.tokens), 0),
+                           sa.func.max(t.finished_at))
+                 .where(t.run_id == run_id).group_by(t.phase, t.status, t.skip_cause, reused))
+        with self.engine.connect() as conn:
+            return [RowGroup(phase, status, cause, bool(carried), int(n), float(cost),
+                             int(tokens), last)
+                    for phase, status, cause, carried, n, cost, tokens, last
+                    in conn.execute(query)]
+
+    def stopping_rows(self, run_id: str, phases: Sequence[str]) -> list[tuple[str, str, str]]:
+        """(item_key, phase, status) of the rows in `phases` that stopped their item."""
+        t = item_table.c
+        query = sa.select(t.item_key, t.phase, t.status).where(
+            t.run_id == run_id, t.phase.in_(list(phases)), stops_row())
+        with self.engine.connect() as conn:
+            return [(key, phase, status) for key, phase, status in conn.execute(query)]
+
+    def passing_statuses(self, run_id: str, phase: str, keys: Iterable[str]) -> Counter[str]:
+        """Status -> rows of `keys` in `phase` after which the item went on."""
+        t, found = item_table.c, Counter[str]()
+        wanted = list(keys)
+        for start in range(0, len(wanted), 500):  # stay under SQLite's bound-parameter limit
+            query = (sa.select(t.status, sa.func.count())
+                     .where(t.run_id == run_id, t.phase == phase, passes_row(),
+                            t.item_key.in_(wanted[start:start + 500]))
+                     .group_by(t.status))
+            with self.engine.connect() as conn:
+                found.update({status: int(n) for status, n in conn.execute(query)})
+        return found
+
+    def failure_rows(self, run_id: str, limit: int) -> list[dict[str, Any]]:
+        """The run's first `limit` failed, invalid or rejected rows, in source order."""
+        t = item_table.c
+        query = (sa.select(t.item_key, t.phase, t.status, t.attempts, t.error)
+                 .where(t.run_id == run_id,
+                        t.status.in_([s.value for s in FAILURE_STATUSES]))
+                 .order_by(t.seq, t.id).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
 
     def carry_invalid(self, run_id: str, lineage: Iterable[str]) -> int:
         """Copy the invalid source rows of the nearest earlier run in the lineage, when this

@@ -16,8 +16,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from batch_defs.ledger import SOURCE_PHASE, Ledger, item_table
-from batch_defs.states import ItemStatus, SkipCause
+from batch_defs.ledger import SOURCE_PHASE, Ledger, item_table, passes_row
+from batch_defs.states import ItemStatus
 from batch_defs.summary import items_per_second
 
 WINDOW_S = 30.0
@@ -77,9 +77,7 @@ def read_counts(ledger: Ledger, run_id: str, phases: list[str],
     (after_id 0) is exact."""
     t = item_table.c
     ran = t.reused_from.is_(None)
-    passes = sa.or_(t.status == ItemStatus.SUCCEEDED.value,
-                    sa.and_(t.status == ItemStatus.SKIPPED.value,
-                            t.skip_cause == SkipCause.CONDITION.value))
+    passes = passes_row()
     query = (sa.select(t.phase, t.status, passes.label("passes"), ran.label("ran"),
                        sa.func.count(), sa.func.coalesce(sa.func.sum(t.duration_s), 0.0),
                        sa.func.min(t.started_at), sa.func.max(t.finished_at), sa.func.max(t.id))
