@@ -398,8 +398,11 @@ class Gate:
         on time."""
         store = self._store()
         rated = [b for b in self.buckets if b.rate_per_s]
+        if not rated:
+            return time.time()
         for _ in range(MAX_REQUEUES):
             wait, fastest = 0.0, 0.0
+            asked = time.monotonic()
             for bucket in rated:
                 tokens, rate = store.reserve(bucket)
                 with self._lock:
@@ -407,11 +410,13 @@ class Gate:
                 fastest = max(fastest, rate)
                 if tokens < 0 and rate > 0:
                     wait = max(wait, -tokens / rate)
-            due = time.monotonic() + wait
+            # The bucket promised its moment between `asked` and its reply. Wait from the
+            # reply (never start before the promise), but judge lateness from `asked`: a
+            # reply that came back late (a loaded database) makes its caller late as well.
             if wait and stop.wait(wait):
                 return None
             woke, granted_at = time.monotonic(), time.time()
-            if not wait or woke - due <= max(0.005, LATE_SHARE / fastest):
+            if woke - (asked + wait) <= max(0.005, LATE_SHARE / fastest):
                 return granted_at
         return time.time()
 

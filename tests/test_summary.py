@@ -97,7 +97,8 @@ def write_run(ledger: Ledger, run_id: str, items: list[dict[str, Any]]) -> None:
     ledger.record(rows)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(items=st.lists(item_strategy, min_size=1, max_size=25))
 def test_the_summary_counts_each_item_once_by_the_rule(unit_ledger: Ledger,
                                                        items: list[dict[str, Any]]) -> None:
