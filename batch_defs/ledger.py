@@ -266,7 +266,10 @@ class RowGroup:
     rows: int
     cost: float
     tokens: int
+    work_s: float  # summed durations
+    first_started: float | None
     last_finished: float | None
+    last_id: int  # the highest row id of the group: read after it for what arrives next
 
     @property
     def passes(self) -> bool:
@@ -594,21 +597,25 @@ class Ledger:
         with self.engine.connect() as conn:
             return {(phase, status): n for phase, status, n in conn.execute(query)}
 
-    def row_groups(self, run_id: str) -> list[RowGroup]:
-        """The run's rows counted by phase, status, skip cause and carried-over, with their
-        cost, tokens and last finish: one aggregate query, whatever the run's size."""
+    def row_groups(self, run_id: str, after_id: int = 0) -> list[RowGroup]:
+        """The run's rows (those with an id above `after_id`) counted by phase, status, skip
+        cause and carried-over, with their cost, tokens, durations and times: one aggregate
+        query, whatever the run's size. Summaries and live progress both read this."""
         t = item_table.c
         reused = t.reused_from.is_not(None).label("reused")
         query = (sa.select(t.phase, t.status, t.skip_cause, reused, sa.func.count(),
                            sa.func.coalesce(sa.func.sum(t.cost), 0.0),
                            sa.func.coalesce(sa.func.sum(t.tokens), 0),
-                           sa.func.max(t.finished_at))
-                 .where(t.run_id == run_id).group_by(t.phase, t.status, t.skip_cause, reused))
+                           sa.func.coalesce(sa.func.sum(t.duration_s), 0.0),
+                           sa.func.min(t.started_at), sa.func.max(t.finished_at),
+                           sa.func.max(t.id))
+                 .where(t.run_id == run_id, t.id > after_id)
+                 .group_by(t.phase, t.status, t.skip_cause, reused))
         with self.engine.connect() as conn:
             return [RowGroup(phase, status, cause, bool(carried), int(n), float(cost),
-                             int(tokens), last)
-                    for phase, status, cause, carried, n, cost, tokens, last
-                    in conn.execute(query)]
+                             int(tokens), float(work), first, last, int(last_id))
+                    for phase, status, cause, carried, n, cost, tokens, work, first, last,
+                    last_id in conn.execute(query)]
 
     def stopping_rows(self, run_id: str, phases: Sequence[str]) -> list[tuple[str, str, str]]:
         """(item_key, phase, status) of the rows in `phases` that stopped their item."""

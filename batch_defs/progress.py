@@ -14,9 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-
-from batch_defs.ledger import SOURCE_PHASE, Ledger, item_table, passes_row
+from batch_defs.ledger import SOURCE_PHASE, Ledger, RowGroup
 from batch_defs.states import ItemStatus
 from batch_defs.summary import items_per_second
 
@@ -75,32 +73,31 @@ def read_counts(ledger: Ledger, run_id: str, phases: list[str],
     Rows only ever arrive (a rewritten row keeps its id and, but for rare retries, its
     outcome), so a publisher reads only what is new since its last look; a full read
     (after_id 0) is exact."""
-    t = item_table.c
-    ran = t.reused_from.is_(None)
-    passes = passes_row()
-    query = (sa.select(t.phase, t.status, passes.label("passes"), ran.label("ran"),
-                       sa.func.count(), sa.func.coalesce(sa.func.sum(t.duration_s), 0.0),
-                       sa.func.min(t.started_at), sa.func.max(t.finished_at), sa.func.max(t.id))
-             .where(t.run_id == run_id, t.id > after_id).group_by(t.phase, t.status, passes, ran))
+    groups = ledger.row_groups(run_id, after_id)
+    return tally(groups, phases, into), max([after_id, *(g.last_id for g in groups)])
+
+
+def tally(groups: list[RowGroup], phases: list[str],
+          into: LiveCounts | None = None) -> LiveCounts:
+    """Row groups (Ledger.row_groups) added up as progress counts them."""
     counts = into or LiveCounts({phase: PhaseTally() for phase in phases})
-    with ledger.engine.connect() as conn:
-        result = list(conn.execute(query))
-    last_id = max([after_id, *(row[-1] for row in result)])
-    for phase, status, passed, executed, n, work, first, last, _ in result:
-        if phase == SOURCE_PHASE:
-            counts.invalid += n
+    for group in groups:
+        if group.phase == SOURCE_PHASE:
+            counts.invalid += group.rows
             continue
-        tally = counts.phases.setdefault(phase, PhaseTally())
-        tally.statuses[status] = tally.statuses.get(status, 0) + n
-        tally.stops += 0 if passed else n
-        if executed:
-            tally.executed += n
-            tally.work_s += float(work)
-            if first is not None:
-                counts.first_started = min(first, counts.first_started or first)
-            if last is not None:
-                counts.last_finished = max(last, counts.last_finished or last)
-    return counts, last_id
+        phase = counts.phases.setdefault(group.phase, PhaseTally())
+        phase.statuses[group.status] = phase.statuses.get(group.status, 0) + group.rows
+        phase.stops += 0 if group.passes else group.rows
+        if not group.reused:
+            phase.executed += group.rows
+            phase.work_s += group.work_s
+            if group.first_started is not None:
+                counts.first_started = min(group.first_started,
+                                           counts.first_started or group.first_started)
+            if group.last_finished is not None:
+                counts.last_finished = max(group.last_finished,
+                                           counts.last_finished or group.last_finished)
+    return counts
 
 
 @dataclass(frozen=True)
@@ -190,6 +187,12 @@ class ProgressWindow:
             return 0.0, 0.0
         return (u1 - u0) / (t1 - t0), (w1 - w0) / (t1 - t0)
 
+    def run_progress(self, counts: LiveCounts, run: Mapping[str, Any]) -> Progress:
+        """Progress of the run whose batch_run row is `run`."""
+        started = run.get("started_at")
+        return self.progress(counts, list(run["phases"]), int(run["total_items"]),
+                             float(started) if started else None)
+
     def progress(self, counts: LiveCounts, phases: list[str], total_items: int,
                  started_at: float | None = None, now: float | None = None) -> Progress:
         """`started_at`: the run's start, for its own throughput once it has finished."""
@@ -221,9 +224,16 @@ class ProgressWindow:
 
 
 def read_progress(ledger: Ledger, run_id: str, window: ProgressWindow,
-                  run: Mapping[str, Any] | None = None) -> Progress | None:
-    """The run's progress now, or None before it has a batch_run row."""
-    return ProgressReader(window).read(ledger, run_id, run, full=True)
+                  run: Mapping[str, Any] | None = None,
+                  groups: list[RowGroup] | None = None) -> Progress | None:
+    """The run's progress now, or None before it has a batch_run row; `run` and `groups`
+    (Ledger.row_groups) when the caller has just read them."""
+    run = run or ledger.run(run_id)
+    if run is None:
+        return None
+    phases = list(run["phases"])
+    counts = tally(ledger.row_groups(run_id) if groups is None else groups, phases)
+    return window.run_progress(counts, run)
 
 
 class ProgressReader:
@@ -240,11 +250,8 @@ class ProgressReader:
         run = run or ledger.run(run_id)
         if run is None:
             return None
-        phases = list(run["phases"])
         if full:
             self.counts, self.last_id = None, 0
-        self.counts, self.last_id = read_counts(ledger, run_id, phases, self.counts,
-                                                self.last_id)
-        started = run.get("started_at")
-        return self.window.progress(self.counts, phases, int(run["total_items"]),
-                                    float(started) if started else None)
+        self.counts, self.last_id = read_counts(ledger, run_id, list(run["phases"]),
+                                                self.counts, self.last_id)
+        return self.window.run_progress(self.counts, run)

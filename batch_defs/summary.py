@@ -120,12 +120,14 @@ class RunSummary(BaseModel):
 
 
 def summarize_run(ledger: Ledger, run_id: str, failed_examples: int = 10,
-                  run: dict[str, Any] | None = None) -> RunSummary:
-    """`run`: the run's batch_run row when the caller has just read it. Every figure comes
-    from aggregate queries, so a summary costs about as much at a million items as at ten."""
+                  run: dict[str, Any] | None = None,
+                  groups: list[RowGroup] | None = None) -> RunSummary:
+    """`run` and `groups` (Ledger.row_groups): the run's batch_run row and row counts when
+    the caller has just read them. Every figure comes from aggregate queries, so a summary
+    costs about as much at a million items as at ten."""
     run = run or ledger.run(run_id) or {"phases": [], "total_items": 0}
     phases: list[str] = run["phases"]
-    groups = ledger.row_groups(run_id)
+    groups = ledger.row_groups(run_id) if groups is None else groups
     per_phase, outcomes = classify(ledger, run_id, groups, phases, int(run["total_items"]))
     ran = [g for g in groups if g.phase != SOURCE_PHASE and not g.reused]
     started = float(run.get("started_at") or 0.0)

@@ -145,7 +145,8 @@ class RunStatus(BaseModel):
 def run_status(instance: Any, ledger: Ledger, run_id: str) -> RunStatus:
     dagster_run = instance.get_run_by_id(run_id)
     run = ledger.run(run_id)
-    summary = summarize_run(ledger, run_id, run=run) if run else None
+    groups = ledger.row_groups(run_id) if run else []  # one read for summary and progress
+    summary = summarize_run(ledger, run_id, run=run, groups=groups) if run else None
     saved = (run or {}).get("summary") or {}
     if summary is not None and saved.get("tolerated_failures") is not None:
         summary.tolerated_failures = saved["tolerated_failures"]
@@ -155,7 +156,7 @@ def run_status(instance: Any, ledger: Ledger, run_id: str) -> RunStatus:
     if run is not None:
         from batch_defs.progress import read_progress
 
-        live = read_progress(ledger, run_id, ProgressWindow(), run)
+        live = read_progress(ledger, run_id, ProgressWindow(), run, groups)
         progress = live.as_dict() if live else None
     return RunStatus(
         run_id=run_id, status=dagster_run.status.value if dagster_run else "UNKNOWN",
