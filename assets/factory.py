@@ -17,16 +17,16 @@ import dagster as dg
 from batch_defs.control import HOST, describe_holder, ensure_partition, holder_is_live, take_over
 from batch_defs.engine import RunEngine, RunPlan
 from batch_defs.env import expand_env
-from batch_defs.fanout import spool_source
+from batch_defs.fanout import Streaming, spool_source
 from batch_defs.item_failures import record_item_failures
-from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_chunk
+from batch_defs.items import ChunkRef, DependencyError, chunk_size, dependency_chunks
 from batch_defs.ledger import Ledger, StopRequest
 from batch_defs.loader import LoadedBatch
 from batch_defs.progress import ProgressReader, starting_line
 from batch_defs.routing import build_router
 from batch_defs.secrets import mask, register_resources
 from batch_defs.settings import LiveSettings
-from batch_defs.sources import SourceError
+from batch_defs.sources import SourceError, record_bound
 from batch_defs.spec import BatchSpec, OptionsSpec, PhaseSpec
 from batch_defs.states import RunState, StopKind
 from batch_defs.summary import RunSummary, summarize_run
@@ -193,6 +193,13 @@ class BatchStep:
         self.mark(RunState.FAILED)
         raise dg.Failure(message, allow_retries=False)
 
+    def fail_fan_out(self, message: str, streamed: bool) -> NoReturn:
+        """fail(), once the run's slots stop taking items of chunks already streamed to them
+        (those in flight finish and are recorded)."""
+        if streamed:
+            self.engine().halt(StopRequest(StopKind.FAIL_FAST, message))
+        self.fail(message)
+
     def stop(self, stop: StopRequest, started: bool = True) -> NoReturn:
         """End this step because the batch stopped (fail-fast, pause, cancel, budget).
 
@@ -324,43 +331,78 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
         spec = step.spec
         manifest = manifest_path(context.instance, step.run_id)
         manifest.parent.mkdir(parents=True, exist_ok=True)
+        streaming = start_streaming(step, loaded)
         try:
             read = spool_source(step.ledger, spec, loaded.base_dir, step.partition,
-                                step.run_id, manifest)
+                                step.run_id, manifest, streaming)
         except SourceError as exc:
-            step.fail(f"source {spec.source.type}: {exc}")
+            step.fail_fan_out(f"source {spec.source.type}: {exc}", streaming is not None)
         total, invalid = read.spool.count, read.invalid
         step.ledger.start_run(step.run_id, spec.name, step.partition, total,
                               [p.name for p in spec.phases], context.run.parent_run_id)
+        if streaming is not None:
+            step.ledger.set_total_items(step.run_id, total)  # the count, for the bound
         if read.first_invalid:
             context.log.warning(f"{invalid} invalid items recorded, e.g. "
                                 f"{read.first_invalid.key}: {read.first_invalid.error}")
         tolerated = spec.options.tolerated_count(total + invalid)
         if spec.options.on_error == "fail_fast" and invalid > tolerated:
-            step.fail(f"{invalid} invalid items (tolerated {tolerated}); first: "
-                      f"{read.first_invalid.error if read.first_invalid else ''}")
+            step.fail_fan_out(f"{invalid} invalid items (tolerated {tolerated}); first: "
+                              f"{read.first_invalid.error if read.first_invalid else ''}",
+                              streaming is not None)
         if not total:
             what = f"no valid items ({invalid} invalid)" if invalid else "no items"
             step.fail(f"source {spec.source.type} has {what}")
         if read.dependencies:
-            # One chunk, so the engine can hold each item back until the items it depends on
-            # have succeeded; a cycle fails here, before any phase runs.
+            # One chunk from the first item with dependencies on (the chunks streamed before
+            # it declare none), so the engine can hold each item back until the items it
+            # depends on have succeeded; a cycle fails here, before any of them runs.
             try:
-                refs = [dependency_chunk(read.spool, spec.options.depends_on_field, invalid)]
+                refs = dependency_chunks(read.spool, spec.options.depends_on_field, invalid,
+                                         streaming.size if streaming else 0, read.streamed)
             except DependencyError as exc:
-                step.fail(f"{spec.options.depends_on_field}: {exc}")
-            context.log.info(f"{total} items with dependencies, in one chunk")
+                step.fail_fan_out(f"{spec.options.depends_on_field}: {exc}",
+                                  streaming is not None)
+            context.log.info(f"{total} items with dependencies, the last "
+                             f"{refs[-1].count} in one chunk")
         else:
-            size = chunk_size(total, spec.options.slots, spec.options.chunk_size)
+            size = streaming.size if streaming else chunk_size(total, spec.options.slots,
+                                                               spec.options.chunk_size)
             refs = read.spool.refs(size, invalid)
             context.log.info(f"{total} items in {len(refs)} chunks of up to {size}")
         context.instance.add_run_tags(step.run_id,
                                       {"batch/progress": starting_line(total, invalid)})
-        step.engine().add_chunks(refs)  # slots start on the first chunks at once
+        engine = step.engine()
+        engine.add_chunks(refs)  # slots start on the first chunks at once
+        if streaming is not None:
+            engine.rebase(total + invalid, invalid)
         for ref in refs:
             yield dg.DynamicOutput(ref, mapping_key=ref.mapping_key)
 
     return fan_out
+
+
+def start_streaming(step: BatchStep, loaded: LoadedBatch) -> Streaming | None:
+    """Chunks for the run's slots while the source is still read (see batch_defs/fanout.py),
+    where that is possible: the source tells how many records it can have at most (chunks
+    are sized by that) and later steps run in this process (the in-process executor: slots
+    work ahead). Streaming ends at the first item that depends on another: the items from
+    there on are one chunk (see fan_out).
+
+    The run's row starts with that bound as its total (`batch-defs status` shows it while the
+    source is counted); the fan-out replaces it with the count."""
+    spec = step.spec
+    if spec.options.executor != "in_process":
+        return None
+    bound = record_bound(spec.source, loaded.base_dir)
+    if not bound:
+        return None
+    bound = min(bound, spec.options.max_items)
+    step.ledger.start_run(step.run_id, spec.name, step.partition, bound,
+                          [p.name for p in spec.phases], step.context.run.parent_run_id)
+    engine = step.engine()
+    return Streaming(chunk_size(bound, spec.options.slots, spec.options.chunk_size), bound,
+                     lambda ref: engine.add_chunks([ref]))
 
 
 def phase_handler(loaded: LoadedBatch, phase: PhaseSpec) -> Handler:

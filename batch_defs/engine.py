@@ -303,6 +303,7 @@ class RunEngine:
         self.cost, self.tokens = state.spent_cost, state.spent_tokens
         self.tolerated = 0  # set from the first chunk: a share of the whole batch
         self.tolerance_base = 0  # the items tolerated_failures is a share of
+        self.counted: int | None = None  # the base once the fan-out has counted (rebase)
         # Slots that may take work: options.concurrency, or its live change.
         self.width = (plan.spec.options.slots if plan.spec.options.mode == "sequential"
                       else self.live.concurrency or plan.spec.options.slots)
@@ -341,11 +342,27 @@ class RunEngine:
     # The steps' side
 
     def add_chunks(self, refs: Iterable[ChunkRef]) -> None:
-        """Make chunks known (the fan-out's layout), so slots can work ahead into them."""
+        """Make chunks known (the fan-out's layout), so slots can work ahead into them. A
+        chunk the fan-out streamed is known again once the source is counted."""
         with self.cond:
             for ref in refs:
-                self.chunks.setdefault(ref.index, ref)
+                self.chunks[ref.index] = ref
             self.cond.notify_all()
+
+    def rebase(self, tolerance_base: int, invalid: int) -> None:
+        """The fan-out, which streamed chunks to this engine, has counted the source (valid
+        and invalid items): tolerated_failures is a share of that, not of the upper bound
+        the streamed chunks named, and the `invalid` items it recorded since this engine
+        started count as failures. A fail-fast batch already beyond it stops now."""
+        with self.cond:
+            self.failures += invalid
+            self.counted = self.tolerance_base = tolerance_base
+            self.tolerated = self.live.options(self.spec.options).tolerated_count(
+                tolerance_base)
+            beyond = self.failures > self.tolerated
+        if beyond and self.spec.options.on_error == "fail_fast":
+            self.halt(StopRequest(StopKind.FAIL_FAST, f"fail_fast: {self.failures} items "
+                                  f"failed, more than the {self.tolerated} tolerated"))
 
     def run_chunk(self, phase: int, ref: ChunkRef,
                   on_check: Callable[[], None] | None = None, log: Any = None) -> ChunkReport:
@@ -460,16 +477,19 @@ class RunEngine:
         depends = dependency_map(items, self.spec.options.depends_on_field)
         with self.cond:
             if not self.chunk_keys:
-                self.tolerance_base = ref.tolerance_base
+                self.tolerance_base = self.counted or ref.tolerance_base
                 self.tolerated = self.live.options(self.spec.options).tolerated_count(
-                    ref.tolerance_base)
+                    self.tolerance_base)
             self.depends.update(depends)
             for key, deps in depends.items():
                 for dep in deps:
                     self.dependants.setdefault(dep, []).append(key)
             mine = {item.key for item in items}
             for (phase_index, key), outside in found.items():
-                if key not in mine and key not in self.chunk_of:
+                # Also the items of chunks done and forgotten here (streamed before the
+                # first item with dependencies): the ledger has their outcomes.
+                if key not in mine and (key not in self.chunk_of
+                                        or self.chunk_of[key] in self.done_chunks):
                     self.known.setdefault((phase_index, key), Known(
                         outside.status, None, outside.skip_cause, reused=outside.other_run))
             for item in items:
@@ -851,7 +871,8 @@ class RunEngine:
         Lock held."""
         for chunk in chunks:
             self.done_chunks.add(chunk)
-            for key in self.chunk_keys.get(chunk, ()):
+            # Items of other chunks may still wait on these: their states stay.
+            for key in () if self.depends else self.chunk_keys.get(chunk, ()):
                 for phase in range(len(self.phases)):
                     self.known.pop((phase, key), None)
                     self.skip_roots.pop((phase, key), None)

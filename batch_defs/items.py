@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import array
 import graphlib
 import heapq
 import json
 import math
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -151,12 +152,13 @@ def prepare_items(records: Iterable[RawRecord], key_field: str | None,
 
 class ItemSpool:
     """Valid items go to a JSON-lines file (the run's manifest) as the source is read; chunks
-    are slices of it, so a large source never sits in memory as a whole."""
+    are slices of it, so a large source never sits in memory as a whole (an item costs the
+    spool 8 bytes here: its line's offset)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.count = 0
-        self._offsets: list[int] = []  # byte offset of each item's line
+        self._offsets = array.array("q")  # byte offset of each item's line
         self._position = 0
         self._file: IO[bytes] = path.open("wb")
 
@@ -167,6 +169,11 @@ class ItemSpool:
         self._position += len(line)
         self.count += 1
 
+    def flush(self) -> None:
+        """What was added so far readable by read_chunk (the engine's slots read it while the
+        fan-out still writes)."""
+        self._file.flush()
+
     def close(self) -> None:
         self._file.close()
 
@@ -174,12 +181,17 @@ class ItemSpool:
         self.close()
         return read_spool(self.path)
 
+    def ref(self, index: int, size: int, total: int, invalid: int = 0) -> ChunkRef:
+        """Chunk `index` of the manifest cut into chunks of `size` items."""
+        start = index * size
+        return ChunkRef(index, str(self.path), self._offsets[start],
+                        min(size, self.count - start), total, invalid)
+
     def refs(self, size: int, invalid: int = 0) -> list[ChunkRef]:
         """The manifest cut into chunks of `size` items."""
         self.close()
-        return [ChunkRef(index, str(self.path), self._offsets[start],
-                         min(size, self.count - start), self.count, invalid)
-                for index, start in enumerate(range(0, self.count, size))]
+        return [self.ref(index, size, self.count, invalid)
+                for index in range(math.ceil(self.count / size))]
 
 
 def read_spool(path: Path) -> Iterator[Item]:
@@ -272,9 +284,15 @@ def describe_cycle(cycle: list[str]) -> str:
     return " -> ".join(repr(k) for k in [*keys, keys[0]])
 
 
-def dependency_chunk(spool: ItemSpool, field: str | None, invalid: int = 0) -> ChunkRef:
-    """All items in one chunk (the engine holds an item back until its dependencies are
-    done); checked first, so a cycle or an unknown key fails before any phase runs."""
+def dependency_chunks(spool: ItemSpool, field: str | None, invalid: int = 0,
+                      size: int = 0, streamed: int = 0) -> list[ChunkRef]:
+    """The `streamed` chunks of `size` items a fan-out handed on before it met the first item
+    with dependencies, then every later item in one chunk (the engine holds an item back
+    until its dependencies are done, in whichever chunk). Checked first, so a cycle or an
+    unknown key fails before any of those items runs."""
     dependency_order(list(spool.items()), field)
-    (ref,) = spool.refs(max(1, spool.count), invalid)
-    return ref
+    refs = [spool.ref(index, size, spool.count, invalid) for index in range(streamed)]
+    start = streamed * size
+    last = spool.ref(0, spool.count, spool.count, invalid) if not streamed else replace(
+        spool.ref(streamed, size, spool.count, invalid), count=spool.count - start)
+    return [*refs, last]

@@ -355,6 +355,13 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(stmt)
 
+    def set_total_items(self, run_id: str, total_items: int) -> None:
+        """The run's item count, once a fan-out that streamed has counted its source (the
+        run started with an upper bound of it)."""
+        with self.engine.begin() as conn:
+            conn.execute(run_table.update().where(run_table.c.run_id == run_id)
+                         .values(total_items=total_items))
+
     def record(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
         """Upsert finished item rows in one statement (a step retry may write a row again).
 

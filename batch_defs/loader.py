@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -254,6 +255,14 @@ def load_batch(path: Path) -> LoadedBatch:
     except yamlio.YamlError as exc:
         raise SpecError([SpecProblem(path.name, p.line, "", p.message)
                          for p in exc.problems]) from exc
+    return _loaded(path, text)
+
+
+@functools.lru_cache(maxsize=16)
+def _loaded(path: Path, text: str) -> LoadedBatch:
+    """A batch file's text parsed and checked once per process: `batch-defs run` finds the
+    batch, then builds its job from it, and a large inline source costs one parse, not two
+    (a changed file is parsed again: its text is the key)."""
     spec, notices = parse_batch_file(text, path)
     return LoadedBatch(spec, path, tuple(notices))
 

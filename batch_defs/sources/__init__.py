@@ -12,7 +12,7 @@ from typing import Any
 
 from batch_defs.env import SourceError
 
-__all__ = ["RawRecord", "SourceError", "read_source"]
+__all__ = ["RawRecord", "SourceError", "read_source", "record_bound"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +148,21 @@ def read_source(spec: Any, base_dir: Path) -> Iterator[RawRecord]:
         "http": remote.read_http,
     }
     return readers[spec.type](spec, base_dir)
+
+
+def record_bound(spec: Any, base_dir: Path) -> int | None:
+    """The most records the source can have, known before it is read, or None when that
+    would cost a read of it (json, parquet, sql, http). Inline: its items; CSV and JSONL:
+    one per line break and one more (a CSV's header and blank lines, a quoted field over
+    lines make it an upper bound). It sizes the chunks of a fan-out that streams."""
+    if spec.type == "inline":
+        return len(spec.items)
+    if spec.type not in ("csv", "jsonl"):
+        return None
+    from batch_defs.env import resolve_path
+
+    try:
+        with resolve_path(spec.path, base_dir).open("rb") as handle:
+            return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b"")) + 1
+    except (OSError, SourceError):  # the reader says what is wrong with the file
+        return None
