@@ -21,6 +21,8 @@ from batch_defs.summary import OUTCOMES, PhaseCounts, RunSummary
 TABLE_ROWS = 100  # items shown in the asset's metadata; the ledger has them all
 SOURCE_CHECK = "source_items"  # phase checks are PHASE_quality: no phase name gives this
 COLUMNS = ["item_key", "phase", "status", "attempts", "duration_s", "cost", "error"]
+# What the results metadata, its charts and checks read of every row, and no more.
+READ_COLUMNS = [*COLUMNS, "started_at", "finished_at", "reused_from"]
 
 
 def results_asset_key(batch: str) -> dg.AssetKey:
@@ -178,7 +180,7 @@ def build_results_op(spec: BatchSpec) -> dg.OpDefinition:
                        "evaluates each phase's quality check.")
     def results(context: dg.OpExecutionContext, summary: dict[str, Any]) -> Any:
         ledger = context.resources.batch_storage.ledger(context.instance)
-        rows = ledger.rows(context.run_id, light=True)
+        rows = ledger.rows(context.run_id, columns=READ_COLUMNS)
         run = ledger.run(context.run_id)
         typed = RunSummary.model_validate(summary)
         metadata = results_metadata(typed, rows, run["started_at"] if run else None,
