@@ -359,8 +359,8 @@ ONE_STEP_PER_ITEM = (
     "chunk_size: 1 makes each item its own Dagster step (its own logs and retry in the UI), "
     "and Dagster's in-process executor runs one step at a time: the slots work ahead into "
     "the next steps' items, but every step adds its own overhead (100 items x 2 phases x "
-    "100 ms at concurrency 10 took 86 s here before slots worked ahead, against 2.1 s for "
-    "plain threads and a few seconds in chunks); choose it for a few dozen items that each "
+    "100 ms at concurrency 10 take about 20 s here, against 2 s for plain threads and a "
+    "few seconds in chunks); choose it for a few dozen items that each "
     "need their own step, else keep chunk_size: auto (docs/yaml.md, options)")
 
 
