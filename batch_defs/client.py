@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import pandas as pd
 import yaml
 
 from batch_defs import control
@@ -64,6 +63,8 @@ from batch_defs.loader import (
 from batch_defs.spec import BatchSpec
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from batch_defs.watch import RunStatus as ShownStatus  # the CLI's view of a run
 
 DEFINITIONS = "batch_defs.definitions"

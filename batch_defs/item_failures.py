@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from batch_defs.ledger import Ledger
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _plain(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -12,13 +12,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batch_defs.states import FAILURE_STATUSES, ItemStatus, RunState, SkipCause, StopKind
+
+if TYPE_CHECKING:
+    import pandas as pd  # rows() imports it: commands that read no rows skip 0.5 s
 
 SOURCE_PHASE = "_source"  # rows for items rejected before any phase ran (status invalid)
 STATUSES = tuple(ItemStatus)
@@ -710,6 +712,8 @@ class Ledger:
             query = query.where(t.phase == phase)
         if keys is not None:
             query = query.where(t.item_key.in_(list(keys)))
+        import pandas as pd
+
         names = [c.name for c in wanted]
         with self.engine.connect() as conn:
             # In parts of tuples: a million rows as one list of row objects weighs more than
