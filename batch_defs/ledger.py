@@ -289,15 +289,20 @@ def passes_row() -> Any:
                           t.skip_cause == SkipCause.CONDITION.value))
 
 
+def stopping_skip() -> Any:
+    """SQL: a skip that stops its item (by its handler or a dependency, not a `when:`)."""
+    t = item_table.c
+    return sa.and_(t.status == ItemStatus.SKIPPED.value,
+                   sa.func.coalesce(t.skip_cause, "") != SkipCause.CONDITION.value)
+
+
 def stops_row() -> Any:
     """SQL: the opposite of `passes_row`, written as a status list so that the (run_id,
     status) index finds the few stopping rows of a large run without reading the rest."""
     t = item_table.c
     stopping = [s.value for s in ItemStatus if s not in (ItemStatus.SUCCEEDED,
                                                           ItemStatus.SKIPPED)]
-    return sa.or_(t.status.in_(stopping),
-                  sa.and_(t.status == ItemStatus.SKIPPED.value,
-                          sa.func.coalesce(t.skip_cause, "") != SkipCause.CONDITION.value))
+    return sa.or_(t.status.in_(stopping), stopping_skip())
 
 
 @dataclass(frozen=True)
@@ -975,9 +980,7 @@ def _final_status(phases: Sequence[str]) -> Any:
     last = phases[-1] if phases else SOURCE_PHASE
     return sa.case(
         *[(rows_where(t.status == s.value) > 0, s.value) for s in FAILURE_STATUSES],
-        (rows_where(t.status == ItemStatus.SKIPPED.value,
-                    sa.func.coalesce(t.skip_cause, "") != SkipCause.CONDITION.value) > 0,
-         ItemStatus.SKIPPED.value),
+        (rows_where(stopping_skip()) > 0, ItemStatus.SKIPPED.value),
         (rows_where(t.phase == last, t.status == ItemStatus.SUCCEEDED.value) > 0,
          ItemStatus.SUCCEEDED.value),
         (rows_where(t.phase == last) > 0, ItemStatus.SKIPPED.value),
