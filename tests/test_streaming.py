@@ -20,14 +20,18 @@ pytestmark = pytest.mark.job
 
 SOURCE_WAIT_S = 20.0  # how long the source waits for the first item before it gives up
 first_item = threading.Event()
+first_item_lock = threading.Lock()
 seen: dict[str, Any] = {}
 
 
 def note_item(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    """Records the run's item total as the first item saw it, and lets the source go on."""
-    if not first_item.is_set():
-        seen["total_at_first_item"] = ctx.journal.run(ctx.run_id)["total_items"]
-        first_item.set()
+    """Records the run's item total as the first item saw it, and lets the source go on.
+    Two slots may call at once: only the first one records (the other might look after the
+    source was counted)."""
+    with first_item_lock:
+        if not first_item.is_set():
+            seen["total_at_first_item"] = ctx.journal.run(ctx.run_id)["total_items"]
+            first_item.set()
     return {"ok": True}
 
 
