@@ -83,17 +83,20 @@ def holder_is_live(instance: dg.DagsterInstance, holder: LeaseHolder) -> bool:
     return time.time() - holder.heartbeat_at < LEASE_TTL_S
 
 
-def group_members(pgid: int, started_at: float) -> list[int]:
-    """Processes of process group `pgid` started since `started_at`: the group an item began,
-    not an unrelated one that reuses the number."""
-    members = []
+def group_members(pgid: int, started_at: float, run_id: str) -> list[int]:
+    """Processes of process group `pgid` started since `started_at`, if the group is the one
+    an item of `run_id` began: one of them carries the run's marker. Pids wrap (at 32,768
+    here), so a group that is gone may have left its number to an unrelated session started
+    since, which the start time alone cannot tell apart."""
+    members, ours = [], False
     for process in psutil.process_iter(["pid", "create_time"]):
         try:
             if os.getpgid(process.pid) == pgid and process.info["create_time"] >= started_at - 1:
                 members.append(process.pid)
-        except (ProcessLookupError, PermissionError):
+                ours = ours or process.environ().get(RUN_ENV_MARKER) == run_id
+        except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-    return members
+    return members if ours else []
 
 
 def marked_processes(run_id: str) -> list[psutil.Process]:
@@ -115,7 +118,7 @@ def end_leftover_processes(ledger: Ledger, run_id: str) -> int:
     for record in ledger.processes(run_id):
         if record.host != HOST:
             continue  # another machine's processes are that machine's to end
-        members = group_members(record.pgid, record.started_at)
+        members = group_members(record.pgid, record.started_at, run_id)
         if members:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record.pgid, signal.SIGKILL)

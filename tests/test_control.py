@@ -20,7 +20,7 @@ from batch_defs import control
 from batch_defs.control import ControlError, effective_state
 from batch_defs.definitions import build_definitions
 from batch_defs.env import RUN_ENV_MARKER
-from batch_defs.ledger import LeaseHolder
+from batch_defs.ledger import LeaseHolder, Ledger
 from batch_defs.states import RunState
 from resources.storage import SETTINGS_FILE, instance_ledger_url, open_ledger
 from tests.conftest import cli, inline_items, run_batch, write_batch
@@ -50,6 +50,25 @@ def test_leftover_processes_are_found_by_their_run_even_unrecorded(unit_ledger: 
         for process in (mine, theirs):
             process.kill()
             process.wait()
+
+
+@pytest.mark.unit
+def test_a_recorded_process_group_whose_number_was_reused_is_left_alone(
+        unit_ledger: Ledger) -> None:
+    """Recipe: this machine's pids wrap at 32,768, so a killed run's recorded process group
+    may be gone and its number taken by an unrelated new session started since; resuming the
+    run must not end that session (seen: a `sleep` of another test ended under -n 3)."""
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True,
+                                env={**os.environ, RUN_ENV_MARKER: "run-other"})
+    try:
+        unit_ledger.register_process("run-killed", "build", "item-1", control.HOST,
+                                     stranger.pid, time.time() - 60)
+        assert control.end_leftover_processes(unit_ledger, "run-killed") == 0
+        assert stranger.poll() is None
+        assert unit_ledger.processes("run-killed") == []  # the record is done with
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 @pytest.mark.unit
