@@ -7,16 +7,17 @@ rejected items first, the command that lists them all, and the charts; and each 
 quality is an asset check that goes red when its failures put the run beyond tolerance.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import pandas as pd
 
 from batch_defs.ledger import SOURCE_PHASE
-from batch_defs.report import charts_markdown
 from batch_defs.spec import BatchSpec
 from batch_defs.states import FAILURE_STATUSES, RunState
 from batch_defs.summary import OUTCOMES, PhaseCounts, RunSummary
+
+if TYPE_CHECKING:  # pandas and the charts load in the results step, not before the first item
+    import pandas as pd
 
 TABLE_ROWS = 100  # items shown in the asset's metadata; the ledger has them all
 SOURCE_CHECK = "source_items"  # phase checks are PHASE_quality: no phase name gives this
@@ -45,14 +46,18 @@ def check_specs(spec: BatchSpec) -> list[dg.AssetCheckSpec]:
     return checks
 
 
-def failures_first(rows: pd.DataFrame) -> pd.DataFrame:
+def failures_first(rows: "pd.DataFrame") -> "pd.DataFrame":
     """Failed, invalid and rejected rows first (source order within), then the others."""
+    import pandas as pd
+
     failing = rows["status"].isin(FAILURE_STATUSES)
     return pd.concat([rows[failing], rows[~failing]])
 
 
-def item_table(rows: pd.DataFrame, limit: int = TABLE_ROWS) -> dg.TableMetadataValue:
+def item_table(rows: "pd.DataFrame", limit: int = TABLE_ROWS) -> dg.TableMetadataValue:
     """The first items, failures first, one row per item and phase, for the Dagster UI."""
+    import pandas as pd
+
     shown = failures_first(rows)[COLUMNS].head(limit)
     schema = dg.TableSchema(columns=[
         dg.TableColumn("item_key", "string"), dg.TableColumn("phase", "string"),
@@ -73,9 +78,11 @@ def item_table(rows: pd.DataFrame, limit: int = TABLE_ROWS) -> dg.TableMetadataV
     return dg.MetadataValue.table(records, schema)
 
 
-def results_metadata(summary: RunSummary, rows: pd.DataFrame,
+def results_metadata(summary: RunSummary, rows: "pd.DataFrame",
                      started_at: float | None = None, state: RunState | None = None
                      ) -> dict[str, Any]:
+    from batch_defs.report import charts_markdown
+
     metadata: dict[str, Any] = {}
     if state is not None:
         metadata["state"] = state.value
@@ -108,7 +115,7 @@ def results_metadata(summary: RunSummary, rows: pd.DataFrame,
     return metadata
 
 
-def phase_checks(summary: RunSummary, phases: list[str], rows: pd.DataFrame,
+def phase_checks(summary: RunSummary, phases: list[str], rows: "pd.DataFrame",
                  ) -> list[tuple[str, bool, dict[str, Any]]]:
     """(check name, passed, metadata) per phase: a phase fails its check when it has failed
     or rejected items (invalid ones, for the source) and the run is beyond tolerance."""
@@ -131,7 +138,7 @@ def phase_checks(summary: RunSummary, phases: list[str], rows: pd.DataFrame,
     return checks
 
 
-def failure_lines(rows: pd.DataFrame, shown: int = 10) -> str:
+def failure_lines(rows: "pd.DataFrame", shown: int = 10) -> str:
     """`3 (failed, 1 attempts): ValueError: bad record 3; ...`: shown whole in the UI."""
     if rows.empty:
         return "none"
@@ -142,7 +149,7 @@ def failure_lines(rows: pd.DataFrame, shown: int = 10) -> str:
     return "; ".join(lines)
 
 
-def check_evaluations(summary: RunSummary, phases: list[str], rows: pd.DataFrame,
+def check_evaluations(summary: RunSummary, phases: list[str], rows: "pd.DataFrame",
                       partition: str | None) -> list[dg.AssetCheckEvaluation]:
     key = results_asset_key(summary.batch or "")
     return [dg.AssetCheckEvaluation(asset_key=key, check_name=name, passed=passed,
@@ -154,7 +161,7 @@ def check_evaluations(summary: RunSummary, phases: list[str], rows: pd.DataFrame
 
 
 def record_run(instance: dg.DagsterInstance, summary: RunSummary, phases: list[str],
-               rows: pd.DataFrame, started_at: float | None, state: RunState) -> None:
+               rows: "pd.DataFrame", started_at: float | None, state: RunState) -> None:
     """A run that did not materialize its results (failed, paused, canceled) still leaves
     its record on the asset: an observation with the results metadata, and the checks.
 

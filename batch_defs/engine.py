@@ -14,6 +14,7 @@ those that were in flight: at most `concurrency` of them.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -214,6 +215,20 @@ def phase_bucket(plan: RunPlan, phase: str, rate_per_s: float) -> Bucket:
     return Bucket(f"run:{plan.run_id}:{phase}"[:128], f"phase {phase} rate", rate_per_s)
 
 
+@functools.cache
+def prepare_results_step() -> None:
+    """Once per process, in the background while items run: import what the results step
+    needs (pandas, the charts: about a second of CPU) while slots mostly wait on their
+    handlers, rather than after the last item, where every run would wait for it."""
+
+    def prepare() -> None:
+        from batch_defs.report import prepare_charts
+
+        prepare_charts()
+
+    threading.Thread(target=prepare, name="batch-prepare-results", daemon=True).start()
+
+
 class _StepLog:
     """The log of whichever step waits on the engine now (slots outlive the step that made
     the engine): back-offs of rate limits are logged where people look."""
@@ -335,6 +350,8 @@ class RunEngine:
         self.committer = GroupCommitter(plan.ledger)
         self.slots: list[threading.Thread] = []
         self._add_slots(self.width)
+        # The results step runs in this process too: it may prepare once items are running.
+        self.prepares_results = plan.spec.options.executor == "in_process"
         over = budget_exceeded(self.spec.options.budget, self.cost, self.tokens)
         if over is not None:
             self.halt(over)
@@ -665,6 +682,8 @@ class RunEngine:
 
     def _record(self, task: Task, outcome: ItemOutcome) -> None:
         """Judge, make durable, then let the item go on (never before it is durable)."""
+        if self.prepares_results:  # after the first item, not before it
+            prepare_results_step()
         stop = self._judge(task.phase, outcome)
         if stop is not None:
             self.halt(stop)

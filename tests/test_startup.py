@@ -1,0 +1,76 @@
+"""What a run loads before its first item, and what it prepares while items run.
+
+Each case runs a job in a fresh interpreter: this test process has imported everything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.cli_zygote import PROJECT
+from tests.conftest import inline_items, prepared_home, write_batch
+
+pytestmark = pytest.mark.job
+
+HANDLER = '''
+import sys, time
+
+EVENTS = []
+HEAVY = ("pandas", "numpy", "matplotlib")
+CHARTS = "matplotlib.backends.backend_agg"
+
+def work(item, ctx):
+    if not EVENTS:
+        EVENTS.append({"first_item_saw": [m for m in HEAVY if m in sys.modules]})
+    EVENTS.append("item")
+    if EVENTS.count("item") == 6:  # the last item: the results step has not begun
+        waited = time.monotonic()
+        while CHARTS not in sys.modules and time.monotonic() - waited < 60:
+            time.sleep(0.05)
+        EVENTS.append({"last_item_saw_charts": CHARTS in sys.modules})
+    return {}
+'''
+
+SCRIPT = '''
+import json, sys
+from pathlib import Path
+import dagster as dg
+from batch_defs.definitions import build_definitions
+import startup_handler
+
+with dg.DagsterInstance.get() as instance:
+    instance.add_dynamic_partitions("startup", ["p1"])
+    job = build_definitions([Path(sys.argv[1])]).resolve_job_def("startup")
+    result = job.execute_in_process(instance=instance, partition_key="p1")
+print(json.dumps({"success": result.success, "events": startup_handler.EVENTS}))
+'''
+
+
+def run_fresh(tmp_path: Path) -> dict:
+    home = prepared_home(tmp_path / "home")
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    (batches / "startup_handler.py").write_text(textwrap.dedent(HANDLER))
+    write_batch(batches, {"name": "startup", "source": inline_items(6),
+                          "phases": [{"name": "a", "task": "python",
+                                      "params": {"function": "startup_handler:work"}}],
+                          "options": {"concurrency": 1}})
+    env = {"DAGSTER_HOME": str(home), "PYTHONPATH": f"{batches}:{PROJECT}",
+           "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(batches)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_first_item_does_not_wait_for_pandas_or_the_charts(tmp_path: Path) -> None:
+    run = run_fresh(tmp_path)
+    assert run["success"]
+    # Loaded neither before the first item, and by the background before the results step.
+    assert run["events"] == [{"first_item_saw": []}, *["item"] * 6,
+                             {"last_item_saw_charts": True}]
