@@ -16,7 +16,10 @@ from batch_defs.spec import BatchSpec
 from batch_defs.states import FAILURE_STATUSES, RunState
 from batch_defs.summary import OUTCOMES, PhaseCounts, RunSummary
 
-if TYPE_CHECKING:  # pandas and the charts load in the results step, not before the first item
+# pandas and the charts load in the results step, not before the first item. The annotations
+# naming pandas are quoted rather than postponed module-wide: Dagster rejects an op whose
+# `context` annotation is a string.
+if TYPE_CHECKING:
     import pandas as pd
 
 TABLE_ROWS = 100  # items shown in the asset's metadata; the ledger has them all

@@ -222,9 +222,12 @@ def prepare_results_step() -> None:
     handlers, rather than after the last item, where every run would wait for it."""
 
     def prepare() -> None:
-        from batch_defs.report import prepare_charts
+        try:
+            from batch_defs.report import prepare_charts
 
-        prepare_charts()
+            prepare_charts()
+        except Exception:  # the results step meets the same failure, and reports it
+            pass
 
     threading.Thread(target=prepare, name="batch-prepare-results", daemon=True).start()
 

@@ -74,3 +74,28 @@ def test_the_first_item_does_not_wait_for_pandas_or_the_charts(tmp_path: Path) -
     # Loaded neither before the first item, and by the background before the results step.
     assert run["events"] == [{"first_item_saw": []}, *["item"] * 6,
                              {"last_item_saw_charts": True}]
+
+
+def test_a_chart_warm_up_that_fails_says_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The results step meets the same failure and reports it where users look; a traceback
+    # from a background thread would only be noise in front of them.
+    import threading
+
+    import batch_defs.report as report
+    from batch_defs.engine import prepare_results_step
+
+    tried: list[str] = []
+    escaped: list[object] = []
+
+    def broken() -> None:
+        tried.append(threading.current_thread().name)
+        raise RuntimeError("no chart library")
+
+    monkeypatch.setattr(report, "prepare_charts", broken)
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    prepare_results_step.__wrapped__()  # uncached: a fresh warm-up thread
+    for thread in threading.enumerate():
+        if thread.name == "batch-prepare-results":
+            thread.join(60)
+    assert tried == ["batch-prepare-results"]
+    assert escaped == []
