@@ -49,7 +49,7 @@ from batch_defs.api.models import (
     RunStatus,
 )
 from batch_defs.launches import FOLDER, LaunchRecord, LaunchStore, launch_id, spawn_worker
-from batch_defs.ledger import LeaseHolder, Ledger, PartitionRuns
+from batch_defs.ledger import LIGHT_COLUMNS, LeaseHolder, Ledger, PartitionRuns
 from batch_defs.loader import (
     PACKAGE_BATCHES,
     Catalog,
@@ -508,7 +508,7 @@ class BatchClient:
         run = self.ledger.run(run_id)
         if run is None:
             raise control.ControlError(f"run {run_id} has no items in the ledger yet")
-        table = phase_analytics(self.ledger.rows(run_id, light=True), run["phases"])
+        table = phase_analytics(self.ledger.rows(run_id, columns=LIGHT_COLUMNS), run["phases"])
         phases = [PhaseAnalytics(**row, cost_per_item=round(row["cost"] / row["items"], 8)
                                  if row["items"] else None) for row in table]
         return Analytics(run_id=run_id, batch=run["batch"], partition=run["partition"],

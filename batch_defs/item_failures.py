@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from batch_defs.ledger import Ledger
+from batch_defs.ledger import LIGHT_COLUMNS, Ledger
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,7 +31,7 @@ def record_item_failures(ledger: Ledger, batch: str, partition: str, run_id: str
     for phase, failed in by_phase.items():
         missing = set(failed)
         for run in runs:
-            found = ledger.rows(run, status="succeeded", phase=phase, light=True)
+            found = ledger.rows(run, status="succeeded", phase=phase, columns=LIGHT_COLUMNS)
             for row in _plain(found[found["item_key"].isin(list(failed))]):
                 if run == run_id:
                     missing.discard(row["item_key"])
