@@ -5,8 +5,9 @@ the product adds anything, measured in one run.
     DynamicOutput, one mapped op that stamps the time) on a persistent SQLite DAGSTER_HOME with
     the project's dagster.yaml: spawn to the mapped op, spawn to exit;
   - `import dagster`: CPU seconds;
-  - 1,000 x 5 ms of pure-Python CPU: a ThreadPoolExecutor(10), multiprocessing.Pool(2) in
-    chunks of 25 (warm), and the product's worker pool alone (10 slot threads, 2 workers).
+  - 1,000 x 5 ms of pure-Python CPU: plain threads at c10 (harness.plain_threads, the
+    reference of bench/speed.py), multiprocessing.Pool(2) in chunks of 25 (warm), and the
+    product's worker pool alone (10 slot threads, 2 workers).
 
     .venv/bin/python bench/floors.py [--repeats 5]
 """
@@ -23,10 +24,18 @@ import tempfile
 import textwrap
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from harness import BIN, PROJECT, calibrate_loops, fmt_s, median, print_table
+from harness import (
+    BIN,
+    PROJECT,
+    Workload,
+    calibrate_loops,
+    fmt_s,
+    median,
+    plain_threads,
+    print_table,
+)
 from sim_tasks import burn
 
 BARE_JOB = textwrap.dedent('''
@@ -98,10 +107,7 @@ def cpu_floors() -> tuple[float, float, float]:
     from batch_defs.tasks.base import TaskContext
     from batch_defs.workers import HandlerRef, ProcessPool
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(10) as threads:
-        list(threads.map(one, range(1000)))
-    threads_s = time.perf_counter() - started
+    threads_s = plain_threads(Workload(1000, 1, 5, 10, handler="cpu_work", loops=LOOPS))
     with multiprocessing.get_context("fork").Pool(2) as pool:
         pool.map(one, range(4))
         started = time.perf_counter()
