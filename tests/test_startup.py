@@ -1,6 +1,6 @@
 """What a run loads before its first item, and what it prepares while items run.
 
-Each case runs a job in a fresh interpreter: this test process has imported everything."""
+The job runs in a fresh interpreter: this test process has imported everything already."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,6 @@ def test_the_first_item_does_not_wait_for_pandas_or_the_charts(tmp_path: Path) -
 def test_a_chart_warm_up_that_fails_says_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     # The results step meets the same failure and reports it where users look; a traceback
     # from a background thread would only be noise in front of them.
-    import threading
-
     import batch_defs.report as report
     from batch_defs.engine import prepare_results_step
 
