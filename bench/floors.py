@@ -4,7 +4,8 @@ the product adds anything, measured in one run.
   - a bare Dagster job of the product's shape (dynamic partition, a fan-out op yielding one
     DynamicOutput, one mapped op that stamps the time) on a persistent SQLite DAGSTER_HOME with
     the project's dagster.yaml: spawn to the mapped op, spawn to exit;
-  - `import dagster`: CPU seconds;
+  - `import dagster`: CPU seconds; and the imports a `batch-defs status` that left Dagster
+    out would still pay (SQLAlchemy, pydantic, rich, click), the floor under the status goal;
   - 1,000 x 5 ms of pure-Python CPU: plain threads at c10 (harness.plain_threads, the
     reference of bench/speed.py), multiprocessing.Pool(2) in chunks of 25 (warm), and the
     product's worker pool alone (10 slot threads, 2 workers).
@@ -87,11 +88,14 @@ def bare_job(repeats: int) -> tuple[list[float], list[float]]:
     return to_op, to_exit
 
 
-def dagster_import_cpu(repeats: int) -> list[float]:
+STATUS_IMPORTS = "import sqlalchemy, pydantic, rich.table, click"
+
+
+def import_cpu(statement: str, repeats: int) -> list[float]:
     seconds = []
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([str(BIN / "python"), "-c", "import dagster"], check=True)
+        subprocess.run([str(BIN / "python"), "-c", statement], check=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         seconds.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return seconds
@@ -146,7 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     LOOPS = calibrate_loops(5)
     to_op, to_exit = bare_job(args.repeats)
-    imports = dagster_import_cpu(args.repeats)
+    imports = import_cpu("import dagster", args.repeats)
+    status_imports = import_cpu(STATUS_IMPORTS, args.repeats)
     cpu = [cpu_floors() for _ in range(3)]
     rows = [
         ["bare Dagster job, spawn to the mapped op", fmt_s(median(to_op)),
@@ -155,6 +160,8 @@ def main() -> None:
          ", ".join(fmt_s(s) for s in to_exit)],
         ["`import dagster`, CPU seconds", fmt_s(median(imports)),
          ", ".join(fmt_s(s) for s in imports)],
+        [f"`{STATUS_IMPORTS}`, CPU seconds", fmt_s(median(status_imports)),
+         ", ".join(fmt_s(s) for s in status_imports)],
     ]
     for name, index in (("1,000 x 5 ms CPU: ThreadPoolExecutor(10)", 0),
                         ("1,000 x 5 ms CPU: multiprocessing.Pool(2), chunks of 25", 1),
