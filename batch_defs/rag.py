@@ -11,13 +11,15 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from filelock import FileLock
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from batch_defs.tasks.base import TaskParams
+
+if TYPE_CHECKING:  # numpy loads with the first vectors: a batch file that names a context is
+    import numpy as np  # checked (its retriever made) by every process that loads the batches
 
 DOCUMENT_SUFFIXES = (".md", ".txt", ".rst")
 CACHE_FOLDER = ".context_cache"  # under the batch's output folder: shared by its runs
@@ -142,6 +144,8 @@ class EmbeddingCache:
 
     def vectors(self, texts: list[str], encode: Any) -> np.ndarray:
         """One vector per text: cached ones loaded, the others encoded (once) and stored."""
+        import numpy as np
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = [self.key(t) for t in texts]
         with self.lock:
@@ -156,12 +160,16 @@ class EmbeddingCache:
         return np.stack([known[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
 
     def _load(self) -> dict[str, np.ndarray]:
+        import numpy as np
+
         if not self.path.exists():
             return {}
         with np.load(self.path) as data:
             return dict(zip(data["keys"].tolist(), data["vectors"], strict=True))
 
     def _save(self, known: dict[str, np.ndarray]) -> None:
+        import numpy as np
+
         partial = self.path.with_suffix(".partial.npz")
         np.savez(partial, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
         os.replace(partial, self.path)
@@ -180,6 +188,8 @@ class PassageIndex:
         self.passages, self.vectors = passages, vectors
 
     def top(self, query: np.ndarray, k: int) -> list[Hit]:
+        import numpy as np
+
         if not self.passages:
             return []
         scores = self.vectors @ np.asarray(query, dtype=np.float32)

@@ -60,6 +60,9 @@ def run_fresh(tmp_path: Path) -> dict:
     write_batch(batches, {"name": "startup", "source": inline_items(6),
                           "phases": [{"name": "a", "task": "python",
                                       "params": {"function": "startup_handler:work"}}],
+                          # After-steps that need pandas, as every shipped batch has.
+                          "after": [{"task": "report", "params": {"formats": ["csv"]}},
+                                    {"task": "export"}],
                           "options": {"concurrency": 1}})
     env = {"DAGSTER_HOME": str(home), "PYTHONPATH": f"{batches}:{PROJECT}",
            "PATH": "/usr/bin:/bin"}
@@ -98,3 +101,26 @@ def test_a_chart_warm_up_that_fails_says_nothing(monkeypatch: pytest.MonkeyPatch
             thread.join(60)
     assert tried == ["batch-prepare-results"]
     assert escaped == []
+
+
+LOAD_SHIPPED = '''
+import json, sys
+from batch_defs.definitions import build_definitions
+
+jobs = build_definitions().get_repository_def().get_all_jobs()
+print(json.dumps({"jobs": len(jobs), "heavy": [m for m in ("pandas", "numpy", "matplotlib")
+                                               if m in sys.modules]}))
+'''
+
+
+def test_loading_the_shipped_batches_imports_no_pandas_numpy_or_charts(tmp_path: Path) -> None:
+    # Every code server, daemon, webserver, `dagster job launch` and run worker loads the
+    # definitions; their report, export and context steps need these only when they run.
+    home = prepared_home(tmp_path / "home")
+    env = {"DAGSTER_HOME": str(home), "PYTHONPATH": str(PROJECT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", LOAD_SHIPPED], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["jobs"] >= 6  # the shipped batches did load
+    assert loaded["heavy"] == []

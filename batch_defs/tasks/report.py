@@ -7,11 +7,12 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Any, Literal
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Literal
 
 from batch_defs.tasks.base import AfterContext, AfterHandler, TaskParams
+
+if TYPE_CHECKING:  # pandas loads when the step runs: every batch file that names one of
+    import pandas as pd  # these steps is checked (its handler made) before its first item
 
 Format = Literal["csv", "json", "jsonl", "html", "md", "parquet"]
 TIME_COLUMNS = ("started_at", "finished_at")
@@ -25,6 +26,8 @@ class ReportParams(TaskParams):
 
 def iso_times(rows: pd.DataFrame) -> pd.DataFrame:
     """Epoch-second columns as ISO 8601 UTC text (`2026-11-03T09:15:02.125431+00:00`)."""
+    import pandas as pd
+
     rows = rows.copy()
     for column in TIME_COLUMNS:
         if column in rows.columns:
@@ -92,6 +95,8 @@ class ExportParams(TaskParams):
 def final_outputs(rows: pd.DataFrame, phase: str) -> pd.DataFrame:
     """One row per item that succeeded in `phase`: its key, then its output's fields
     flattened into columns (nested objects as `a.b`)."""
+    import pandas as pd
+
     done = rows[(rows["phase"] == phase) & (rows["status"] == "succeeded")]
     outputs = [json.loads(text) if text else {} for text in done["output"]]
     table = pd.json_normalize(outputs, sep=".") if outputs else pd.DataFrame()
