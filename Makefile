@@ -33,7 +33,8 @@ demo: install
 	echo "more:    batch-defs report RUN_ID, batch-defs results RUN_ID (make ui for the UI)"
 
 # mypy (about a minute of one core from a cold cache) and the definitions check run beside
-# pytest, whose processes leave a core idle a third of the time; make fails if any of them does.
+# pytest, niced: they take the CPU that pytest's waiting tests leave idle (a third of it), not
+# the CPU of the daemon and browser tests that start first. make fails if any of them does.
 test: home
 	bash scripts/ensure-postgres.sh
 	bash scripts/ensure-chromium.sh
@@ -41,10 +42,10 @@ test: home
 	$(MAKE) --no-print-directory -j3 test-types test-definitions test-pytest
 
 test-types: install
-	$(BIN)/mypy batch_defs assets resources sensors
+	nice -n 19 $(BIN)/mypy batch_defs assets resources sensors
 
 test-definitions: home
-	$(BIN)/dagster definitions validate -w workspace.yaml
+	nice -n 19 $(BIN)/dagster definitions validate -w workspace.yaml
 
 test-pytest: home
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)

@@ -27,18 +27,27 @@ UV_FLAGS = {
 }
 
 
+# `pip config list` prints SECTION.OPTION='value' lines; PIP_* variables come as `:env:`. For
+# `pip install`, [install] overrides [global] and the environment overrides both; within a
+# section the later line wins (pip lists its files from global to site). Pip versions differ
+# in the order of the sections, hence the ranks.
+SECTION_RANK = {"global": 0, "install": 1, ":env:": 2}
+
+
 def pip_options(pip: Path) -> dict[str, list[str]]:
-    """The pip options that uv needs, as pip reads them: later scopes win (global < user <
-    site < environment), as `pip config list` orders them."""
+    """The pip options that uv needs, with the values pip would use."""
     listed = subprocess.run([str(pip), "config", "list"], capture_output=True, text=True,
                             check=True).stdout
-    found: dict[str, list[str]] = {}
+    found: dict[str, tuple[int, list[str]]] = {}
     for line in listed.splitlines():
         key, _, value = line.partition("=")
-        option = key.rsplit(".", 1)[-1]
-        if (option in UV_FLAGS or option == "cert") and value:
-            found[option] = str(ast.literal_eval(value)).split()
-    return found
+        section, _, option = key.rpartition(".")
+        rank = SECTION_RANK.get(section)
+        if rank is None or not value or not (option in UV_FLAGS or option == "cert"):
+            continue
+        if option not in found or rank >= found[option][0]:
+            found[option] = (rank, str(ast.literal_eval(value)).split())
+    return {option: values for option, (_, values) in found.items()}
 
 
 def uv_command(venv: Path, requirements: list[str],
