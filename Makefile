@@ -32,7 +32,8 @@ demo: install
 	echo "report:  $${latest}report.html (also report.csv, report.json)"; \
 	echo "more:    batch-defs report RUN_ID, batch-defs results RUN_ID (make ui for the UI)"
 
-# mypy (about a minute of one core from a cold cache) and the definitions check run beside
+# mypy (about a minute of one core from a cold cache) and the definitions check (`dg check
+# defs`, which replaces `dagster definitions validate` and checks component YAML too) run beside
 # pytest, niced: they take the CPU that pytest's waiting tests leave idle (a third of it), not
 # the CPU of the daemon and browser tests that start first. make fails if any of them does.
 test: home
@@ -45,7 +46,7 @@ test-types: install
 	nice -n 19 $(BIN)/mypy batch_defs assets resources sensors
 
 test-definitions: home
-	nice -n 19 $(BIN)/dagster definitions validate -w workspace.yaml
+	nice -n 19 $(BIN)/dg check defs
 
 test-pytest: home
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)

@@ -52,7 +52,9 @@ def pip_options(pip: Path) -> dict[str, list[str]]:
 
 def uv_command(venv: Path, requirements: list[str],
                options: dict[str, list[str]]) -> list[str]:
-    command = [str(venv / "bin" / "uv"), "pip", "install", "--quiet",
+    # Compiled at install, as pip does: where PYTHONDONTWRITEBYTECODE is set (here, and in
+    # CI) every process would otherwise compile each module it imports, every time.
+    command = [str(venv / "bin" / "uv"), "pip", "install", "--quiet", "--compile-bytecode",
                "--python", str(venv / "bin" / "python"), "--index-strategy", "unsafe-best-match"]
     for option, values in options.items():
         command += [a for value in values if option in UV_FLAGS for a in (UV_FLAGS[option], value)]

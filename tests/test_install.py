@@ -42,4 +42,5 @@ def test_uv_gets_pips_indexes_find_links_and_constraints_with_pips_precedence(
     assert values("--find-links") == ["/from/env"]
     assert values("--constraint") == [str(tmp_path / "caps.txt")]
     assert command[command.index("--index-strategy") + 1] == "unsafe-best-match"
+    assert "--compile-bytecode" in command  # as pip does; PYTHONDONTWRITEBYTECODE is set here
     assert command[-3:] == ["-e", ".[dev]", "prefect>=3"]  # the project editable, others not
