@@ -107,7 +107,7 @@ class Bench:
     # Batches
 
     def write_batch(self, work: Workload, source: Path, name: str | None = None,
-                    handler: str | None = None) -> str:
+                    handler: str | None = None, after: list[dict[str, Any]] | None = None) -> str:
         name = name or work.name
         kind = "jsonl" if source.suffix == ".jsonl" else "csv"
         spec = {
@@ -120,6 +120,8 @@ class Bench:
             "options": {"concurrency": work.concurrency,
                         "max_items": max(work.items, 100_000), **work.options},
         }
+        if after:
+            spec["after"] = after
         (self.batches / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         return name
 

@@ -4,7 +4,8 @@ threads (the limit) in the same run, with the ratios.
   - 1,000 x 2 x 100 ms c10: `batch-defs run` end to end (spawn to exit), the job alone (in
     this process), plain threads, and the share of slot-seconds idle while items ran.
   - time to the first item: `batch-defs run` of a 1,000-row and a 100,000-row CSV, from spawn
-    to the first handler call, against a plain script streaming the CSV into threads.
+    to the first handler call, against a plain script streaming the CSV into threads; and of
+    the 1,000-row CSV with the report and export after-steps every shipped batch has.
   - engine overhead at 10,000 x 2 x 0 ms c50: (end to end - plain threads) / items.
   - CPU-bound: 1,000 x 1 x 5 ms of pure-Python CPU at c10, plain threads against
     `options.workers: processes` ("not available" where this checkout has no such option).
@@ -76,15 +77,21 @@ def io_case(bench: Bench, repeats: int) -> dict[str, Any]:
     return product_and_threads(bench, IO_1000, repeats)
 
 
+# What every shipped batch ends with: their modules must not load before the first item.
+SHIPPED_AFTER = [{"task": "report", "params": {"formats": ["csv"]}}, {"task": "export"}]
+
+
 def first_item_case(bench: Bench, repeats: int) -> list[dict[str, Any]]:
     rows = []
-    for items in FIRST_ITEM_ROWS:
+    for items, after in [*((n, None) for n in FIRST_ITEM_ROWS), (1000, SHIPPED_AFTER)]:
         work = Workload(items, 1, 0, 10, handler="mark_first_call")
         source = bench.csv_source(items)
-        name = bench.write_batch(work, source)
+        name = bench.write_batch(work, source, name=f"{work.name}_after" if after else None,
+                                 after=after)
         product = [bench.first_item(name).first_item_s for _ in range(repeats)]
         threads = [plain_threads_first_item(source, work.concurrency) for _ in range(repeats)]
-        rows.append({"workload": f"time to the first item ({items:,}-row CSV)",
+        label = f"{items:,}-row CSV" + (", report and export after-steps" if after else "")
+        rows.append({"workload": f"time to the first item ({label})",
                      "repeats": repeats, "threads_s": median(threads),
                      "end_to_end_s": median(product), "end_to_end_all": product,
                      "threads_all": threads})
