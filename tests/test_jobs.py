@@ -174,7 +174,7 @@ def test_reexecution_from_failure_reuses_finished_items(batch_dir: Path,
                                                         dagster_home: Path,
                                                         tmp_path: Path) -> None:
     """Dagster's own re-execution (as the UI does it) continues from the ledger."""
-    from dagster._core.definitions.reconstruct import build_reconstructable_job
+    from dagster import build_reconstructable_job  # public: dagster exports it
 
     calls, fail_file = tmp_path / "calls.db", tmp_path / "fail.txt"
     fail_file.write_text("12")
@@ -299,7 +299,7 @@ def test_reexecuting_only_collect_still_has_a_complete_run(batch_dir: Path, dags
                                                            tmp_path: Path) -> None:
     """continue + too many failures fails collect alone; re-executing it from failure runs
     only collect, which must still create the run's ledger row and retry the failed items."""
-    from dagster._core.definitions.reconstruct import build_reconstructable_job
+    from dagster import build_reconstructable_job  # public: dagster exports it
 
     fail_file = tmp_path / "fail.txt"
     fail_file.write_text("3 7")

@@ -284,7 +284,7 @@ def test_failed_build_skips_dependants_until_reexecuted(dagster_home: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Dagster's re-execution from failure (as in the UI) reruns only collect: the failed
     package is retried there, and the dependants skipped because of it run after it."""
-    from dagster._core.definitions.reconstruct import build_reconstructable_job
+    from dagster import build_reconstructable_job  # public: dagster exports it
 
     monkeypatch.setenv("FAIL_PACKAGE", "auth")
     job = build_reconstructable_job("tests.test_task_shell", "package_build_job")
