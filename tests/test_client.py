@@ -13,6 +13,7 @@ import pytest
 
 from batch_defs.client import BatchClient
 from batch_defs.control import ControlError
+from batch_defs.engine import CHECK_SECONDS
 from batch_defs.launches import launch_id
 from batch_defs.spec import BatchSpec
 from tests.conftest import PROJECT, write_batch
@@ -134,11 +135,16 @@ def test_spec_objects_run_in_process_and_launches_filter_and_page(client: BatchC
         client.create("orders", [{"id": 1}], data="x.csv")
 
 
-def test_pause_resume_and_cancel_through_the_api(client: BatchClient, batch_dir: Path) -> None:
+def test_pause_resume_and_cancel_through_the_api(client: BatchClient, batch_dir: Path,
+                                                tmp_path: Path) -> None:
+    # Calls after the 4th wait for the gate, so the pause lands part-way however loaded the
+    # machine is; the resumed run finds the gate open.
+    gate = tmp_path / "gate"
     write_batch(batch_dir, {
         "name": "slow", "source": {"type": "inline", "key": "id", "items": [{"id": 0}]},
         "phases": [{"name": "wait", "task": "python",
-                    "params": {"function": "tests.handlers:sleep_ms", "ms": 100}}],
+                    "params": {"function": "tests.handlers:sleep_ms", "ms": 100,
+                               "gate": str(gate), "open_for": 4}}],
         "options": {"concurrency": 2}})
     launch = client.create("slow", [{"id": i} for i in range(40)], partition="p")
     deadline = time.monotonic() + 120
@@ -146,6 +152,10 @@ def test_pause_resume_and_cancel_through_the_api(client: BatchClient, batch_dir:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     client.pause(launch)
+    # The engine looks for stops every CHECK_SECONDS: two looks before the 34 held-back
+    # items (1.7 s of work) may start.
+    time.sleep(2 * CHECK_SECONDS)
+    gate.touch()
     paused = client.wait(launch, timeout_s=120)
     assert paused.state == "paused" and 4 <= paused.counts.succeeded < 40
     first_run = paused.run_id
@@ -161,11 +171,15 @@ def test_pause_resume_and_cancel_through_the_api(client: BatchClient, batch_dir:
     reused = [i for i in reran if i.phases["wait"].reused_from == first_run]
     assert len(reused) == paused.counts.succeeded
 
-    other = client.create("slow", [{"id": i} for i in range(40)], partition="q")
-    while client.run_status(other).counts.succeeded < 1:
+    # A gate that never opens: the cancel's grace runs out on the held items, and it ends
+    # the run by force.
+    other = client.create("slow", [{"id": i} for i in range(40)], partition="q",
+                          sets=[f"phases[0].params.gate={tmp_path / 'shut'}"])
+    while client.run_status(other).counts.succeeded < 4:
         time.sleep(0.2)
-    client.cancel(other, grace_s=5)
-    assert client.wait(other, timeout_s=60).state == "canceled"
+    client.cancel(other, grace_s=2)
+    canceled = client.wait(other, timeout_s=60)
+    assert canceled.state == "canceled" and canceled.counts.succeeded == 4
 
 
 def test_a_launch_whose_worker_cannot_start_says_why(client: BatchClient,
