@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from batch_defs.ledger import Ledger
 from resources.storage import BatchStorageResource
 from tests.conftest import cli, inline_items, start_cli, write_batch
 
@@ -87,7 +88,10 @@ def assert_each_item_succeeded_once(rows: pd.DataFrame, items: int, phases: int)
 def test_killed_worker_resumes_without_rerunning_finished_items(
         env: dict[str, str], batch_dir: Path, tmp_path: Path) -> None:
     calls, home = tmp_path / "calls.db", tmp_path / "home"
-    counted_batch(batch_dir, calls, items=500, ms=40)
+    # Calls after the 260th wait for the gate: the kill lands mid-way however loaded the
+    # machine is; the resumed run finds the gate open.
+    gate = tmp_path / "gate"
+    counted_batch(batch_dir, calls, items=500, ms=40, gate={"gate": str(gate), "open_for": 260})
     worker = start_cli(env, "run", "durable", "--partition", "nov")
     wait_for(lambda: succeeded_so_far(home) >= 250)
     os.kill(worker.pid, signal.SIGKILL)
@@ -95,7 +99,8 @@ def test_killed_worker_resumes_without_rerunning_finished_items(
     time.sleep(0.2)
     before = ledger_rows(home)
     done_before = set(zip(before["phase"], before["item_key"], strict=True))
-    assert 250 <= len(done_before) < 1000  # killed mid-way
+    assert 250 <= len(done_before) <= 260  # killed mid-way
+    gate.touch()
 
     resumed = cli(env, "resume", only_run_id(home)[:8])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -166,12 +171,19 @@ def test_budget_pauses_and_a_higher_budget_continues(
 def test_cancel_stops_the_run_and_resume_finishes_it(
         env: dict[str, str], batch_dir: Path, tmp_path: Path) -> None:
     calls, home = tmp_path / "calls.db", tmp_path / "home"
-    counted_batch(batch_dir, calls, items=300, ms=100)
+    # Calls after the 50th wait for the gate, which opens once the cancel is asked for: 5.5 s
+    # of work is left then, so the run is canceled mid-way however loaded the machine is.
+    gate = tmp_path / "gate"
+    counted_batch(batch_dir, calls, items=300, ms=100, gate={"gate": str(gate), "open_for": 50})
     worker = start_cli(env, "run", "durable", "--partition", "nov")
     wait_for(lambda: succeeded_so_far(home) >= 50)
     run_id = only_run_id(home)
-    canceled = cli(env, "cancel", run_id, "--grace", "20")
-    assert canceled.returncode == 0, canceled.stderr
+    cancel = start_cli(env, "cancel", run_id, "--grace", "60")
+    with Ledger(f"sqlite:///{home / 'batch_ledger.db'}") as ledger:
+        wait_for(lambda: ledger.stop_request(run_id) is not None)
+    gate.touch()
+    _, error = cancel.communicate(timeout=120)
+    assert cancel.returncode == 0, error
     worker.wait(timeout=60)
     with dg.DagsterInstance.from_config(str(home)) as inst:
         run = inst.get_run_by_id(run_id)
