@@ -50,7 +50,8 @@ def test_300_items_at_20_per_second_take_15_seconds(batch_dir: Path,
     starts = list(rows["started_at"])
     span = float(rows["finished_at"].max() - rows["started_at"].min())
     print(f"300 items at 20/s: {span:.2f} s, at most {max_in_window(starts)} in any second")
-    assert 13.5 <= span <= 16.5  # 15 s +/- 10%
+    # Never faster than the rate; a late wake-up under load may lose a turn (up to 25%).
+    assert 13.5 <= span <= 15 * 1.25
     assert max_in_window(starts) <= 22
 
 

@@ -100,14 +100,15 @@ def test_throughput_and_duration_bins_account_for_every_executed_row() -> None:
 def test_charts_for_50000_items_are_cheap_png_images() -> None:
     rows = ledger_rows(50_000, seconds=600.0)
     charts_markdown(rows.head(100), 1000.0)  # imports matplotlib, as an earlier run would have
-    started = time.perf_counter()
+    # CPU time of this thread, not wall time: what the charts cost, however loaded the machine.
+    started = time.thread_time()
     markdown = charts_markdown(rows, 1000.0)
-    elapsed = time.perf_counter() - started
+    cpu_s = time.thread_time() - started
     images = pngs_in(markdown)
     assert markdown.startswith("![throughput](data:image/png;base64,")
     assert len(images) == 2 and all(image.startswith(PNG_SIGNATURE) for image in images)
     assert all(len(image) < 120_000 for image in images)
-    assert elapsed < 1.5, f"charts for 100,000 item-phases took {elapsed:.2f}s"
+    assert cpu_s < 1.5, f"charts for 100,000 item-phases took {cpu_s:.2f}s of CPU"
 
 
 def scoring_batch(batch_dir: Path, fail_keys: list[int], tolerated: int = 5) -> None:
