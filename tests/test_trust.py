@@ -103,19 +103,23 @@ def test_a_crash_mid_phase_reruns_only_the_items_in_flight(home: Path, batch_dir
                                                            tmp_path: Path) -> None:
     """1,000 items x 2 phases x 50 ms at concurrency 10, SIGKILL at a random point, resume:
     every item done in both phases, and at most 10 handler calls (the slots) beyond 2,000."""
-    calls = tmp_path / "calls.db"
+    calls, gate = tmp_path / "calls.db", tmp_path / "gate"
+    kill_at = random.Random().randint(200, 1800)
+    # Calls after the kill_at-th wait for the gate, so the kill lands there however loaded
+    # the machine is (1,800 calls leave 1 s of work); the resumed run finds the gate open.
     write_batch(batch_dir, {"name": "durable", "source": inline_items(1000),
-                            "phases": counted_phases(calls, 2, 50),
+                            "phases": counted_phases(calls, 2, 50, gate=str(gate),
+                                                     open_for=kill_at),
                             "options": {"concurrency": 10}})
     env = {**os.environ, "DAGSTER_HOME": str(home), "BATCH_DEFS_PATH": str(batch_dir),
            "PYTHONPATH": str(PROJECT), "COLUMNS": "200"}
-    kill_at = random.Random().randint(200, 1800)
     worker = start_cli(env, "run", "durable", "--partition", "nov")
     wait_for(lambda: len(calls_made(calls)) >= kill_at)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     recorded = ledger_items(home)
-    assert 0 < len(recorded) < 2000, f"killed after {kill_at} calls"
+    assert 0 < len(recorded) <= kill_at < 2000, f"killed after {kill_at} calls"
+    gate.touch()
 
     (killed,) = runs_of(home)
     resumed = cli(env, "resume", killed.run_id[:8])
@@ -143,11 +147,16 @@ def env(cli_env: dict[str, str]) -> dict[str, str]:
 
 def test_two_runs_of_one_partition_at_once(env: dict[str, str], batch_dir: Path,
                                            tmp_path: Path) -> None:
-    calls = tmp_path / "calls.db"
+    calls, gate = tmp_path / "calls.db", tmp_path / "gate"
+    # The run that takes the partition holds its calls after the fifth until the other has
+    # been refused: however late the other starts, the partition is still held.
     write_batch(batch_dir, {"name": "twice", "source": inline_items(300),
-                            "phases": counted_phases(calls, 2, 10),
+                            "phases": counted_phases(calls, 2, 10, gate=str(gate),
+                                                     open_for=5),
                             "options": {"concurrency": 10}})
     launches = [start_cli(env, "run", "twice", "--partition", "p") for _ in range(2)]
+    wait_for(lambda: any(launch.poll() is not None for launch in launches), timeout=240)
+    gate.touch()
     outputs = [launch.communicate(timeout=240) for launch in launches]
     codes = sorted(launch.returncode for launch in launches)
     assert codes[0] == 0 and codes[1] != 0, outputs
