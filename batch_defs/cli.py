@@ -7,6 +7,7 @@ line, never a traceback (`batch-defs --verbose ...` shows it).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import threading
@@ -602,5 +603,17 @@ def _decode(column: str, value: Any) -> Any:
     return value
 
 
+def command_line() -> None:
+    """The `batch-defs` command (the console script): `main`, then an interpreter exit that
+    skips the collector. Python's teardown runs full collections over every object still
+    alive, Dagster's and pandas' included: about 0.45 s of a `run` and 0.25 s of a `status`.
+    Frozen objects are left to the operating system; atexit handlers, logging's flush and
+    the standard streams' flush still run."""
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    main()
+    command_line()

@@ -124,3 +124,27 @@ def test_loading_the_shipped_batches_imports_no_pandas_numpy_or_charts(tmp_path:
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded["jobs"] >= 6  # the shipped batches did load
     assert loaded["heavy"] == []
+
+
+AT_EXIT = '''
+import atexit, gc, sys
+from importlib.metadata import entry_points
+
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count()))
+(script,) = entry_points(group="console_scripts", name="batch-defs")
+sys.argv = ["batch-defs", "--help"]
+script.load()()
+'''
+
+
+@pytest.mark.unit
+def test_the_command_ends_without_a_collection_over_everything_it_loaded(
+        tmp_path: Path) -> None:
+    # The interpreter's teardown collections cost a `run` about 0.45 s: the console script
+    # freezes what is alive before it ends, and atexit handlers still run.
+    done = subprocess.run([sys.executable, "-c", AT_EXIT], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(PROJECT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Usage: batch-defs" in done.stdout
+    frozen = int(done.stdout.strip().splitlines()[-1].removeprefix("frozen at exit:"))
+    assert frozen > 10_000  # the command's modules and objects, not a handful
