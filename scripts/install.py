@@ -32,6 +32,8 @@ UV_FLAGS = {
 # section the later line wins (pip lists its files from global to site). Pip versions differ
 # in the order of the sections, hence the ranks.
 SECTION_RANK = {"global": 0, "install": 1, ":env:": 2}
+PROJECT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ["batch_defs", "assets", "resources", "sensors"]
 
 
 def pip_options(pip: Path) -> dict[str, list[str]]:
@@ -63,7 +65,20 @@ def uv_command(venv: Path, requirements: list[str],
     return command
 
 
+def compile_project(venv: Path) -> int:
+    """The project's own modules compiled too: the editable install leaves them as source,
+    and with PYTHONDONTWRITEBYTECODE every process compiled them again (about 0.1 s each).
+    A module edited since is compiled from source, as before."""
+    return subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", "-j", "0",
+                           *PROJECT_PACKAGES], cwd=PROJECT).returncode
+
+
 def main(venv: Path, requirements: list[str]) -> int:
+    installed = install(venv, requirements)
+    return installed or compile_project(venv)
+
+
+def install(venv: Path, requirements: list[str]) -> int:
     pip = venv / "bin" / "pip"
     if not pip.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -44,3 +44,19 @@ def test_uv_gets_pips_indexes_find_links_and_constraints_with_pips_precedence(
     assert command[command.index("--index-strategy") + 1] == "unsafe-best-match"
     assert "--compile-bytecode" in command  # as pip does; PYTHONDONTWRITEBYTECODE is set here
     assert command[-3:] == ["-e", ".[dev]", "prefect>=3"]  # the project editable, others not
+
+
+def test_the_projects_own_modules_are_compiled_even_where_bytecode_is_not_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The editable install leaves them as source; PYTHONDONTWRITEBYTECODE (set here and in
+    # CI) would have every process compile them again.
+    install = install_script()
+    for package in install.PROJECT_PACKAGES:
+        (tmp_path / package / "inner").mkdir(parents=True)
+        (tmp_path / package / "inner" / "module.py").write_text("VALUE = 1\n")
+    monkeypatch.setattr(install, "PROJECT", tmp_path)
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    assert install.compile_project(PROJECT / ".venv") == 0
+    for package in install.PROJECT_PACKAGES:
+        source = tmp_path / package / "inner" / "module.py"
+        assert Path(importlib.util.cache_from_source(str(source))).is_file(), package
