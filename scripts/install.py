@@ -16,6 +16,7 @@ import ast
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 # pip option -> the uv flag that means the same; each takes whitespace-separated values.
@@ -33,7 +34,6 @@ UV_FLAGS = {
 # in the order of the sections, hence the ranks.
 SECTION_RANK = {"global": 0, "install": 1, ":env:": 2}
 PROJECT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = ["batch_defs", "assets", "resources", "sensors"]
 
 
 def pip_options(pip: Path) -> dict[str, list[str]]:
@@ -65,12 +65,19 @@ def uv_command(venv: Path, requirements: list[str],
     return command
 
 
+def project_packages() -> list[str]:
+    """The packages pyproject.toml installs (`batch_defs*` -> batch_defs)."""
+    with (PROJECT / "pyproject.toml").open("rb") as file:
+        found = tomllib.load(file)["tool"]["setuptools"]["packages"]["find"]["include"]
+    return [pattern.rstrip("*") for pattern in found]
+
+
 def compile_project(venv: Path) -> int:
     """The project's own modules compiled too: the editable install leaves them as source,
     and with PYTHONDONTWRITEBYTECODE every process compiled them again (about 0.1 s each).
     A module edited since is compiled from source, as before."""
     return subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", "-j", "0",
-                           *PROJECT_PACKAGES], cwd=PROJECT).returncode
+                           *project_packages()], cwd=PROJECT).returncode
 
 
 def main(venv: Path, requirements: list[str]) -> int:
