@@ -269,9 +269,7 @@ class BatchStep:
             return
         state.last = now
         state.run = state.run or self.ledger.run(self.run_id)  # phases, totals: fixed
-        # Forced (a step's end): every row again, exact; else only the rows since last time.
-        progress = (state.reader.read(self.ledger, self.run_id, state.run, full=force)
-                    if state.run else None)
+        progress = state.reader.read(self.ledger, self.run_id, state.run) if state.run else None
         if progress is None or (progress.line() == state.line and not force):
             return  # nothing changed: no event for the run page to show
         state.line = progress.line()

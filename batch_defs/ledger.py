@@ -58,6 +58,28 @@ item_table = sa.Table(
     sa.Index("ix_batch_item_run_status", "run_id", "status"),
 )
 
+# What a run's rows add up to, per group of row_groups() and per writing connection (`shard`):
+# kept by triggers on batch_item (revision 0004), so counting a run costs the same at a million
+# rows as at ten. A Postgres connection adds to its own shard, so concurrent writers never wait
+# on one another's counts; a shard may go below zero (a row counted in one shard and rewritten
+# from another), and only the sum over shards means anything.
+tally_table = sa.Table(
+    "batch_tally",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("phase", sa.String(128), primary_key=True),
+    sa.Column("status", sa.String(16), primary_key=True),
+    sa.Column("skip_cause", sa.String(16), primary_key=True),  # '' for rows without one
+    sa.Column("reused", sa.Boolean, primary_key=True),
+    sa.Column("shard", sa.BigInteger, primary_key=True),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+    sa.Column("cost", sa.Float, nullable=False),
+    sa.Column("tokens", sa.BigInteger, nullable=False),
+    sa.Column("work_s", sa.Float, nullable=False),
+    sa.Column("first_started", sa.Float),
+    sa.Column("last_finished", sa.Float),
+)
+
 run_table = sa.Table(
     "batch_run",
     metadata,
@@ -273,7 +295,6 @@ class RowGroup:
     work_s: float  # summed durations
     first_started: float | None
     last_finished: float | None
-    last_id: int  # the highest row id of the group: read after it for what arrives next
 
     @property
     def passes(self) -> bool:
@@ -613,25 +634,24 @@ class Ledger:
         with self.engine.connect() as conn:
             return {(phase, status): n for phase, status, n in conn.execute(query)}
 
-    def row_groups(self, run_id: str, after_id: int = 0) -> list[RowGroup]:
-        """The run's rows (those with an id above `after_id`) counted by phase, status, skip
-        cause and carried-over, with their cost, tokens, durations and times: one aggregate
-        query, whatever the run's size. Summaries and live progress both read this."""
-        t = item_table.c
-        reused = t.reused_from.is_not(None).label("reused")
-        query = (sa.select(t.phase, t.status, t.skip_cause, reused, sa.func.count(),
-                           sa.func.coalesce(sa.func.sum(t.cost), 0.0),
-                           sa.func.coalesce(sa.func.sum(t.tokens), 0),
-                           sa.func.coalesce(sa.func.sum(t.duration_s), 0.0),
-                           sa.func.min(t.started_at), sa.func.max(t.finished_at),
-                           sa.func.max(t.id))
-                 .where(t.run_id == run_id, t.id > after_id)
-                 .group_by(t.phase, t.status, t.skip_cause, reused))
+    def row_groups(self, run_id: str) -> list[RowGroup]:
+        """The run's rows counted by phase, status, skip cause and carried-over, with their
+        cost, tokens, durations and times: read from the tally the writers keep (a few rows,
+        whatever the run's size). Summaries and live progress both read this."""
+        t = tally_table.c
+        rows = sa.func.sum(t.row_count)
+        query = (sa.select(t.phase, t.status, t.skip_cause, t.reused, rows, sa.func.sum(t.cost),
+                           sa.func.sum(t.tokens), sa.func.sum(t.work_s),
+                           sa.func.min(t.first_started), sa.func.max(t.last_finished))
+                 .where(t.run_id == run_id)
+                 .group_by(t.phase, t.status, t.skip_cause, t.reused)
+                 .having(rows > 0)  # every row of the group was rewritten into another
+                 .order_by(t.phase, t.status, t.skip_cause, t.reused))
         with self.engine.connect() as conn:
-            return [RowGroup(phase, status, cause, bool(carried), int(n), float(cost),
-                             int(tokens), float(work), first, last, int(last_id))
-                    for phase, status, cause, carried, n, cost, tokens, work, first, last,
-                    last_id in conn.execute(query)]
+            return [RowGroup(phase, status, cause or None, bool(reused), int(n), float(cost),
+                             int(tokens), float(work), first, last)
+                    for phase, status, cause, reused, n, cost, tokens, work, first, last
+                    in conn.execute(query)]
 
     def stopping_rows(self, run_id: str, phases: Sequence[str]) -> list[tuple[str, str, str]]:
         """(item_key, phase, status) of the rows in `phases` that stopped their item."""
@@ -786,6 +806,10 @@ class Ledger:
         with self.engine.begin() as conn:
             run_ids = [row[0] for row in conn.execute(
                 sa.select(r.run_id).where(r.batch == batch, r.partition == partition))]
+            counted = sa.select(t.run_id).where(t.batch == batch, t.partition == partition)
+            # Rows leave only with their whole run: so do the run's counts (no trigger does).
+            conn.execute(tally_table.delete().where(
+                tally_table.c.run_id.in_(counted.distinct())))
             items = conn.execute(item_table.delete().where(
                 t.batch == batch, t.partition == partition)).rowcount or 0
             if run_ids:

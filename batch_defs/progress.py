@@ -66,15 +66,9 @@ class LiveCounts:
         return sum(t.statuses.get(status, 0) for t in self.phases.values())
 
 
-def read_counts(ledger: Ledger, run_id: str, phases: list[str],
-                into: LiveCounts | None = None, after_id: int = 0) -> tuple[LiveCounts, int]:
-    """The run's rows with an id above `after_id`, added to `into`; and the highest id seen.
-
-    Rows only ever arrive (a rewritten row keeps its id and, but for rare retries, its
-    outcome), so a publisher reads only what is new since its last look; a full read
-    (after_id 0) is exact."""
-    groups = ledger.row_groups(run_id, after_id)
-    return tally(groups, phases, into), max([after_id, *(g.last_id for g in groups)])
+def read_counts(ledger: Ledger, run_id: str, phases: list[str]) -> LiveCounts:
+    """The run's counts now (the ledger's tally: one small read, whatever the run's size)."""
+    return tally(ledger.row_groups(run_id), phases)
 
 
 def tally(groups: list[RowGroup], phases: list[str],
@@ -237,21 +231,15 @@ def read_progress(ledger: Ledger, run_id: str, window: ProgressWindow,
 
 
 class ProgressReader:
-    """Progress of one run, read again and again: each look reads only the rows that arrived
-    since the last one, so its cost does not grow with the run's size; `full` reads all."""
+    """Progress of one run, read again and again through one moving window (the rate and
+    ETA of the last WINDOW_S seconds)."""
 
     def __init__(self, window: ProgressWindow | None = None):
         self.window = window or ProgressWindow()
-        self.counts: LiveCounts | None = None
-        self.last_id = 0
 
-    def read(self, ledger: Ledger, run_id: str, run: Mapping[str, Any] | None = None,
-             full: bool = False) -> Progress | None:
+    def read(self, ledger: Ledger, run_id: str,
+             run: Mapping[str, Any] | None = None) -> Progress | None:
         run = run or ledger.run(run_id)
         if run is None:
             return None
-        if full:
-            self.counts, self.last_id = None, 0
-        self.counts, self.last_id = read_counts(ledger, run_id, list(run["phases"]),
-                                                self.counts, self.last_id)
-        return self.window.run_progress(self.counts, run)
+        return self.window.run_progress(read_counts(ledger, run_id, list(run["phases"])), run)

@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
-from batch_defs.ledger import SOURCE_PHASE, Ledger, RowGroup, item_table, run_table
+from batch_defs.ledger import SOURCE_PHASE, Ledger, RowGroup, run_table, tally_table
 from batch_defs.states import ItemStatus
 
 OUTCOMES = ("succeeded", "failed", "invalid", "rejected", "skipped", "pending")
@@ -205,7 +205,7 @@ def classify(ledger: Ledger, run_id: str, groups: list[RowGroup], phases: list[s
 def partition_spend(ledger: Ledger, run_id: str, run: dict[str, Any]) -> tuple[float, int]:
     """Cost and tokens of every execution in the run's partition by this run and the runs
     that started before it: the spend a budget counts (rows carried over are not paid twice)."""
-    t, r = item_table.c, run_table.c
+    t, r = tally_table.c, run_table.c
     runs = [run_id]
     if run.get("batch") is not None:
         earlier = sa.select(r.run_id).where(r.batch == run["batch"],
@@ -215,7 +215,7 @@ def partition_spend(ledger: Ledger, run_id: str, run: dict[str, Any]) -> tuple[f
             runs += [row[0] for row in conn.execute(earlier)]
     query = sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0),
                       sa.func.coalesce(sa.func.sum(t.tokens), 0)).where(
-        t.run_id.in_(sorted(set(runs))), t.reused_from.is_(None))
+        t.run_id.in_(sorted(set(runs))), t.reused.is_(False))
     with ledger.engine.connect() as conn:
         cost, tokens = conn.execute(query).one()
     return float(cost), int(tokens)

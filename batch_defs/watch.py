@@ -45,7 +45,7 @@ class RunBars:
 
     def update(self, ledger: Ledger, run: dict[str, Any]) -> None:
         phases, total = run["phases"], run["total_items"]
-        counts, _ = read_counts(ledger, run["run_id"], phases)
+        counts = read_counts(ledger, run["run_id"], phases)
         stopped_before = 0
         for phase in phases:
             tally = counts.phases.get(phase, PhaseTally())

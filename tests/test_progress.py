@@ -121,33 +121,6 @@ def test_the_ended_run_has_one_throughput_figure(unit_ledger: Ledger, tmp_path: 
     assert progress.line().startswith("60/60 done (100%), 0 failed")
 
 
-def test_reading_only_new_rows_adds_up_to_a_full_read(unit_ledger: Ledger,
-                                                      tmp_path: Path) -> None:
-    from batch_defs.progress import ProgressReader
-
-    plan = engine_plan(unit_ledger, [sleeper(0.002), sleeper(0.001)], tmp_path, concurrency=4)
-    reader = ProgressReader()
-    looks = []
-    done = threading.Event()
-
-    def look() -> None:
-        while not done.wait(0.05):
-            looks.append(reader.read(unit_ledger, "run-1"))
-
-    watcher = threading.Thread(target=look, daemon=True)
-    watcher.start()
-    run_items(plan, items(300), tmp_path / "spool")
-    done.set()
-    watcher.join()
-    last = reader.read(unit_ledger, "run-1")
-    full = read_progress(unit_ledger, "run-1", ProgressWindow())
-    assert len([p for p in looks if p is not None]) >= 3  # it read in several steps
-    assert last is not None and full is not None and last.finished
-    assert (last.done, last.failed, last.items_per_s) == (full.done, full.failed,
-                                                         full.items_per_s)
-    assert reader.counts is not None and reader.counts.executed == 600
-
-
 def test_publishing_is_spaced_to_stay_within_its_budget() -> None:
     from assets.factory import PROGRESS_AT_MOST_S, PROGRESS_BUDGET, Publishing
 
