@@ -320,12 +320,15 @@ def stopping_skip() -> Any:
 
 
 def stops_row() -> Any:
-    """SQL: the opposite of `passes_row`, written as a status list so that the (run_id,
-    status) index finds the few stopping rows of a large run without reading the rest."""
+    """SQL: the opposite of `passes_row`, written as one status list (and a test of those
+    rows alone) so that the (run_id, status) index finds the few stopping rows of a large run
+    without reading the rest: with an OR of the two cases, SQLite read every row of the run's
+    phases (0.2 s at a million)."""
     t = item_table.c
-    stopping = [s.value for s in ItemStatus if s not in (ItemStatus.SUCCEEDED,
-                                                          ItemStatus.SKIPPED)]
-    return sa.or_(t.status.in_(stopping), stopping_skip())
+    stopping = [s.value for s in ItemStatus if s is not ItemStatus.SUCCEEDED]
+    condition_skip = sa.and_(t.status == ItemStatus.SKIPPED.value,
+                             sa.func.coalesce(t.skip_cause, "") == SkipCause.CONDITION.value)
+    return sa.and_(t.status.in_(stopping), sa.not_(condition_skip))
 
 
 @dataclass(frozen=True)

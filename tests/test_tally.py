@@ -176,3 +176,32 @@ def test_concurrent_writers_on_postgres_neither_wait_nor_miscount() -> None:
             shards = conn.execute(sa.select(sa.func.count(sa.distinct(tally_table.c.shard))))
             assert shards.scalar() > 1  # the writers counted apart
         assert sum(g.rows for g in ledger.row_groups("run-a")) == 24
+
+
+@pytest.mark.unit
+def test_a_summary_reads_no_runs_rows_in_bulk(unit_ledger: Ledger) -> None:
+    """Every statement a summary sends finds its batch_item rows through an index on what
+    it wants (stopping rows by status, keys by key), never by reading the run's rows: the
+    plans are SQLite's own (EXPLAIN QUERY PLAN of each statement as sent)."""
+    unit_ledger.start_run("run-a", "b", "p", 40, ["fetch", "send"])
+    unit_ledger.record([item_row("run-a", phase, k, "failed" if k == 3 else "succeeded")
+                        for phase in ("fetch", "send") for k in range(40)])
+    sent: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "batch_item" in statement and not statement.startswith("EXPLAIN"):
+            sent.append((statement, parameters))
+
+    sa.event.listen(unit_ledger.engine, "before_cursor_execute", capture)
+    try:
+        summary = summarize_run(unit_ledger, "run-a")
+    finally:
+        sa.event.remove(unit_ledger.engine, "before_cursor_execute", capture)
+    assert (summary.failed, summary.succeeded) == (1, 39)
+    assert sent, "the summary read no item rows at all"
+    with unit_ledger.engine.connect() as conn:
+        for statement, parameters in sent:
+            plan = " | ".join(row[3] for row in conn.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN {statement}", parameters))
+            assert "SCAN batch_item" not in plan, plan
+            assert "(run_id=?)" not in plan and "(run_id=? AND phase=?)" not in plan, plan
