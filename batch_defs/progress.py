@@ -71,10 +71,9 @@ def read_counts(ledger: Ledger, run_id: str, phases: list[str]) -> LiveCounts:
     return tally(ledger.row_groups(run_id), phases)
 
 
-def tally(groups: list[RowGroup], phases: list[str],
-          into: LiveCounts | None = None) -> LiveCounts:
+def tally(groups: list[RowGroup], phases: list[str]) -> LiveCounts:
     """Row groups (Ledger.row_groups) added up as progress counts them."""
-    counts = into or LiveCounts({phase: PhaseTally() for phase in phases})
+    counts = LiveCounts({phase: PhaseTally() for phase in phases})
     for group in groups:
         if group.phase == SOURCE_PHASE:
             counts.invalid += group.rows
