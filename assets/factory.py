@@ -8,13 +8,20 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 import dagster as dg
 
-from batch_defs.control import HOST, describe_holder, ensure_partition, holder_is_live, take_over
+from batch_defs.control import (
+    HOST,
+    dagster_view,
+    describe_holder,
+    ensure_partition,
+    holder_is_live,
+    take_over,
+)
 from batch_defs.engine import RunEngine, RunPlan
 from batch_defs.env import expand_env
 from batch_defs.fanout import Streaming, spool_source
@@ -120,6 +127,17 @@ def batch_resource_keys(spec: BatchSpec) -> set[str]:
     return RESOURCE_KEYS | {key for task in tasks for key in task_resources(task)}
 
 
+def beat(instance: dg.DagsterInstance, ledger: Ledger, batch: str, partition: str,
+         run_id: str) -> None:
+    """Every second of a run (BatchStorageResource.keep_beating): the partition lease's
+    heartbeat, and Dagster's view of the run (its status, failed steps) kept in the ledger,
+    so that `batch-defs status` of a live run reads the ledger alone (run_status.py)."""
+    ledger.heartbeat(batch, partition, run_id)
+    view = dagster_view(instance, run_id)
+    if view is not None:
+        ledger.keep_live_view(run_id, view.model_dump(mode="json"))
+
+
 class BatchStep:
     """What every op of a batch needs: the effective spec, the ledger, run identity, and the
     run's engine.
@@ -141,6 +159,8 @@ class BatchStep:
         register_resources(getattr(context.resources, key)
                            for key in sorted(context.op_def.required_resource_keys))
         self.hold_partition()
+        self.storage.keep_beating(self.run_id, partial(
+            beat, context.instance, self.ledger, self.spec.name, self.partition, self.run_id))
 
     def hold_partition(self) -> None:
         # Under the multiprocess executor a step is a child of the run's process, which
@@ -180,8 +200,7 @@ class BatchStep:
         return RunEngine(plan, self.ledger.run_state(self.run_id))
 
     def check_in(self) -> None:
-        """Called about every second while items run: progress, and the lease's heartbeat."""
-        self.ledger.heartbeat(self.spec.name, self.partition, self.run_id)
+        """Called about every second while items run: the progress line and tags."""
         self.publish_progress()
 
     def mark(self, state: RunState) -> None:

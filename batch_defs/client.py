@@ -65,7 +65,7 @@ from batch_defs.spec import BatchSpec
 if TYPE_CHECKING:
     import pandas as pd
 
-    from batch_defs.watch import RunStatus as ShownStatus  # the CLI's view of a run
+    from batch_defs.run_status import RunStatus as ShownStatus  # the CLI's view of a run
 
 DEFINITIONS = "batch_defs.definitions"
 SPECS_FOLDER = "batch_specs"  # spec objects given to create(), beside dagster.yaml

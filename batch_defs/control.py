@@ -21,6 +21,8 @@ import psutil
 
 from batch_defs.env import RUN_ENV_MARKER
 from batch_defs.ledger import LeaseHolder, Ledger, StopRequest
+from batch_defs.run_status import DagsterView, StepFailure, resolved_state
+from batch_defs.secrets import mask
 from batch_defs.states import RunState, StopKind
 
 if TYPE_CHECKING:
@@ -30,12 +32,6 @@ if TYPE_CHECKING:
 HOST = socket.gethostname()
 # A holder on another host that has not beaten for this long is taken to be gone.
 LEASE_TTL_S = 60.0
-# Dagster's word for how a run ended, where the ledger has none of its own.
-ENDED_STATES = {dg.DagsterRunStatus.SUCCESS: RunState.SUCCEEDED,
-                dg.DagsterRunStatus.FAILURE: RunState.FAILED,
-                dg.DagsterRunStatus.CANCELED: RunState.CANCELED}
-
-
 class ControlError(RuntimeError):
     """A request about a run that cannot be carried out; the message says why and what to do."""
 
@@ -187,19 +183,9 @@ def daemon_running(instance: dg.DagsterInstance) -> bool:
 
 
 def effective_state(run: dg.DagsterRun | None, recorded: str | None) -> RunState:
-    """A run's state as the user should read it: the ledger's (or the tag's) word, except
-    that nothing Dagster marks failed or canceled is ever shown as succeeded or running."""
-    state = RunState(recorded) if recorded in set(RunState) else None
-    if run is None:
-        return state or RunState.RUNNING
-    if not run.is_finished:
-        return state if state in (RunState.PAUSED, RunState.CANCELED) else RunState.RUNNING
-    ended = ENDED_STATES.get(run.status, RunState.FAILED)
-    if ended is RunState.SUCCEEDED:
-        return state if state in (RunState.SUCCEEDED, RunState.PAUSED) else ended
-    if state in (RunState.PAUSED, RunState.CANCELED):
-        return state
-    return ended
+    """run_status.resolved_state() of a Dagster run (None: Dagster has no such run)."""
+    return resolved_state(run.status.value if run else None, bool(run and run.is_finished),
+                          recorded)
 
 
 def reconcile(instance: dg.DagsterInstance, ledger: Ledger, run: dg.DagsterRun) -> RunState:
@@ -331,6 +317,34 @@ def failure_message(instance: dg.DagsterInstance, run_id: str) -> str | None:
         if data.error:
             return data.error.message.strip().splitlines()[0]
     return None
+
+
+def dagster_view(instance: dg.DagsterInstance, run_id: str) -> DagsterView | None:
+    """What Dagster says of the run now (None: no such run)."""
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        return None
+    return DagsterView(status=run.status.value, finished=run.is_finished, job=run.job_name,
+                       partition=run.tags.get("dagster/partition"),
+                       state_tag=run.tags.get("batch/state"),
+                       step_failures=step_failures(instance, run_id))
+
+
+def step_failures(instance: dg.DagsterInstance, run_id: str) -> list[StepFailure]:
+    """Why steps failed (source unreadable, fail-fast, too many failures), from the event log."""
+    failures = []
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        event = record.dagster_event
+        data = event.step_failure_data if event else None
+        if data and data.user_failure_data and data.user_failure_data.description:
+            message = data.user_failure_data.description  # a dg.Failure's own words
+        elif data and data.error:
+            message = f"{data.error.cls_name}: {data.error.message.strip()}"
+        else:
+            message = "failed"
+        failures.append(StepFailure(step=record.step_key or "",
+                                    error=mask(message.splitlines()[0] if message else "failed")))
+    return failures
 
 
 # Live changes and compensation (batch-defs set / rollback)

@@ -9,9 +9,10 @@ from pathlib import Path
 import dagster as dg
 from filelock import FileLock
 
+from batch_defs.home import SET_UP_MARK, home_path
+
 MINIMAL_CONFIG = "telemetry:\n  enabled: false\n"
 SETUP_LOCK = ".batch_defs_setup.lock"
-SET_UP_MARK = ".batch_defs_set_up"
 
 
 def ensure_dagster_home(project_dir: Path | None = None) -> Path:
@@ -21,9 +22,7 @@ def ensure_dagster_home(project_dir: Path | None = None) -> Path:
     The first use of a fresh home creates Dagster's storage (its schema migrations race when
     several processes start at once): one process does it, under a file lock, the others wait.
     """
-    configured = os.environ.get("DAGSTER_HOME")
-    home = Path(configured) if configured else (project_dir or Path.cwd()) / ".dagster_home"
-    home = home.expanduser().resolve()
+    home = home_path(project_dir)
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
     if (home / SET_UP_MARK).exists():

@@ -96,6 +96,7 @@ run_table = sa.Table(
     sa.Column("stop_reason", sa.Text),
     sa.Column("summary", sa.Text),
     sa.Column("settings", sa.Text),  # JSON: changes made to the running batch (batch-defs set)
+    sa.Column("live_view", sa.Text),  # JSON: Dagster's view of a live run (run_status.py)
 )
 
 # Token buckets of rate limits shared by phases, runs and processes (`limits:` in a spec).
@@ -489,7 +490,21 @@ class Ledger:
         run = dict(row._mapping)
         run["phases"] = json.loads(run["phases"])
         run["summary"] = json.loads(run["summary"]) if run["summary"] else None
+        run["live_view"] = json.loads(run["live_view"]) if run["live_view"] else None
         return run
+
+    def run_ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        """Ids of runs in the ledger that start with `prefix` (at most `limit`)."""
+        query = (sa.select(run_table.c.run_id)
+                 .where(run_table.c.run_id.startswith(prefix, autoescape=True)).limit(limit))
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def keep_live_view(self, run_id: str, view: Mapping[str, Any]) -> None:
+        """Store Dagster's view of the live run (run_status.DagsterView as JSON)."""
+        with self.engine.begin() as conn:
+            conn.execute(run_table.update().where(run_table.c.run_id == run_id)
+                         .values(live_view=to_json(view)))
 
     def runs(self, batch: str | None = None) -> list[dict[str, Any]]:
         query = sa.select(run_table).order_by(run_table.c.started_at)

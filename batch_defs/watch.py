@@ -6,7 +6,6 @@ import threading
 import time
 from typing import Any
 
-from pydantic import BaseModel, Field
 from rich.console import Console, Group
 from rich.progress import (
     BarColumn,
@@ -20,12 +19,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from batch_defs.control import effective_state
 from batch_defs.ledger import Ledger
 from batch_defs.progress import PhaseTally, ProgressWindow, read_counts
-from batch_defs.secrets import mask
+from batch_defs.run_status import RunStatus, build_status
 from batch_defs.states import RunState
-from batch_defs.summary import RunSummary, summarize_run
+from batch_defs.summary import RunSummary
 
 REFRESH_S = 0.5
 PHASE_COLUMNS = ("succeeded", "failed", "invalid", "rejected", "skipped", "pending")
@@ -114,84 +112,15 @@ def follow_run(instance: Any, ledger: Ledger, run_id: str, console: Console) -> 
             time.sleep(REFRESH_S)
 
 
-class StepFailure(BaseModel):
-    step: str
-    error: str
-
-
-class RunStatus(BaseModel):
-    """A run as the CLI and the API show it: Dagster's status, the batch's state, the summary
-    (one vocabulary of counts), live progress while it runs, files and failed steps."""
-
-    run_id: str
-    status: str  # Dagster's run status: QUEUED, STARTED, SUCCESS, FAILURE, CANCELED, ...
-    state: RunState
-    job: str | None = None
-    partition: str | None = None
-    summary: RunSummary | None = None
-    progress: dict[str, Any] | None = None  # done, total, percent, eta_s, phase, line
-    files: dict[str, str] = Field(default_factory=dict)
-    step_failures: list[StepFailure] = Field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Flat: the summary's fields beside the run's (what `status --json` prints)."""
-        data = self.summary.as_dict() if self.summary else {}
-        data.update(self.model_dump(mode="json", exclude={"summary"}))
-        if self.summary:
-            data["partition"] = self.summary.partition or self.partition
-        return data
-
-
 def run_status(instance: Any, ledger: Ledger, run_id: str) -> RunStatus:
-    dagster_run = instance.get_run_by_id(run_id)
-    run = ledger.run(run_id)
-    groups = ledger.row_groups(run_id) if run else []  # one read for summary and progress
-    summary = summarize_run(ledger, run_id, run=run, groups=groups) if run else None
-    saved = (run or {}).get("summary") or {}
-    if summary is not None and saved.get("tolerated_failures") is not None:
-        summary.tolerated_failures = saved["tolerated_failures"]
-    recorded = run["status"] if run else (dagster_run.tags.get("batch/state")
-                                           if dagster_run else None)
-    progress = None
-    if run is not None:
-        from batch_defs.progress import read_progress
+    from batch_defs.control import dagster_view  # Dagster: not for a live run's status
 
-        live = read_progress(ledger, run_id, ProgressWindow(), run, groups)
-        progress = live.as_dict() if live else None
-    return RunStatus(
-        run_id=run_id, status=dagster_run.status.value if dagster_run else "UNKNOWN",
-        state=effective_state(dagster_run, recorded),
-        job=dagster_run.job_name if dagster_run else None,
-        partition=(run or {}).get("partition") or (dagster_run.tags.get("dagster/partition")
-                                                    if dagster_run else None),
-        summary=summary, progress=progress,
-        files={f"{step}.{key}": str(value) for step, produced in saved.get("after", {}).items()
-               for key, value in produced.items()},
-        step_failures=step_failures(instance, run_id))
+    return build_status(ledger, run_id, dagster_view(instance, run_id))
 
 
 def run_report(instance: Any, ledger: Ledger, run_id: str) -> dict[str, Any]:
     """The run's status as plain data (reports build on it)."""
     return run_status(instance, ledger, run_id).as_dict()
-
-
-def step_failures(instance: Any, run_id: str) -> list[StepFailure]:
-    """Why steps failed (source unreadable, fail-fast, too many failures), from the event log."""
-    import dagster as dg
-
-    failures = []
-    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
-        event = record.dagster_event
-        data = event.step_failure_data if event else None
-        if data and data.user_failure_data and data.user_failure_data.description:
-            message = data.user_failure_data.description  # a dg.Failure's own words
-        elif data and data.error:
-            message = f"{data.error.cls_name}: {data.error.message.strip()}"
-        else:
-            message = "failed"
-        failures.append(StepFailure(step=record.step_key or "",
-                                    error=mask(message.splitlines()[0] if message else "failed")))
-    return failures
 
 
 def _step_failure_table(failures: list[dict[str, str]]) -> list[Table]:

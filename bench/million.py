@@ -50,6 +50,8 @@ class Watch:
     stop: threading.Event = field(default_factory=threading.Event)
     peak_rss: int = 0
     status_s: list[float] = field(default_factory=list)
+    status_at: list[float] = field(default_factory=list)  # when each was asked (since launch)
+    launched: float = field(default_factory=time.perf_counter)
     status_errors: int = 0
     graphql_s: list[float] = field(default_factory=list)
     graphql_errors: int = 0
@@ -90,6 +92,7 @@ def ask_status(bench: Bench, watch: Watch) -> None:
             return  # the run ended meanwhile: not a figure taken during the run
         if done.returncode == 0:
             watch.status_s.append(time.perf_counter() - started)
+            watch.status_at.append(started - watch.launched)
         else:
             watch.status_errors += 1
         watch.stop.wait(SAMPLE_S)
@@ -168,7 +171,7 @@ def run(items: int, concurrency: int, webserver: bool) -> dict[str, Any]:
         partition = bench.next_partition()
         log = (bench.root / "run.log").open("w")
         try:
-            started = time.perf_counter()
+            started = watch.launched = time.perf_counter()
             process = subprocess.Popen(bench.cli_command(name, partition), env=bench.env,
                                        cwd=bench.root, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
@@ -200,11 +203,22 @@ def run(items: int, concurrency: int, webserver: bool) -> dict[str, Any]:
             "status_p50_s": percentile(watch.status_s, 0.5),
             "status_p95_s": percentile(watch.status_s, 0.95),
             "status_max_s": max(watch.status_s, default=None),
+            # Answers over the goal, with when they were asked: (seconds since launch, took).
+            "status_over_1s": [(round(at, 1), round(took, 2)) for at, took
+                               in zip(watch.status_at, watch.status_s, strict=True) if took > 1],
             "graphql_calls": len(watch.graphql_s), "graphql_errors": watch.graphql_errors,
             "graphql_p50_s": (statistics.median(watch.graphql_s) if watch.graphql_s
                               else None),
             "graphql_p95_s": percentile(watch.graphql_s, 0.95),
             "graphql_max_s": max(watch.graphql_s, default=None), "log_tail": tail}
+
+
+def over_1s(result: dict[str, Any]) -> str:
+    slow = result["status_over_1s"]
+    if not slow:
+        return "none over 1 s"
+    asked = ", ".join(f"{took:.2f} s at {at:.0f} s" for at, took in slow[:4])
+    return f"{len(slow)} over 1 s: {asked}{' ...' if len(slow) > 4 else ''}"
 
 
 def render(result: dict[str, Any]) -> None:
@@ -222,7 +236,8 @@ def render(result: dict[str, Any]) -> None:
         ["ledger rows afterwards", f"{result['ledger_rows']:,} of {items:,}", f"{items:,}"],
         ["`batch-defs status RUN` during the run",
          f"p50 {s('status_p50_s')}, p95 {s('status_p95_s')}, max {s('status_max_s')} "
-         f"({result['status_calls']} calls, {result['status_errors']} errors)", "< 1 s"],
+         f"({result['status_calls']} calls, {result['status_errors']} errors; "
+         f"{over_1s(result)})", "< 1 s"],
         ["webserver run page GraphQL during the run",
          f"p50 {s('graphql_p50_s')}, p95 {s('graphql_p95_s')}, max {s('graphql_max_s')} "
          f"({result['graphql_calls']} calls, {result['graphql_errors']} errors)", "p95 < 1 s"],

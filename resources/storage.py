@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from functools import lru_cache
@@ -9,47 +10,63 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import yaml
 from pydantic import Field, PrivateAttr
 
 from batch_defs.engine import RunEngine
-from batch_defs.env import expand_env
+from batch_defs.home import configured_ledger_url, home_settings, sqlite_ledger_url
 from batch_defs.ledger import Ledger
 from batch_defs.loader import LoadedBatch, with_overrides
 from batch_defs.spec import BatchSpec
 
-SETTINGS_FILE = "batch_defs.yaml"  # beside dagster.yaml in DAGSTER_HOME
-
 
 def instance_settings(instance: dg.DagsterInstance) -> dict[str, Any]:
-    """The batch engine's own settings of an instance: DAGSTER_HOME/batch_defs.yaml.
-
-    Instance-level, so ops, the CLI, sensors and reports all read the same (run config could
-    not reach the CLI or the sensors)."""
-    path = Path(instance.root_directory) / SETTINGS_FILE
-    if not path.exists():
-        return {}
-    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping such as `ledger_url: ...`")
-    return loaded
+    """The batch engine's own settings of an instance: DAGSTER_HOME/batch_defs.yaml."""
+    return home_settings(Path(instance.root_directory))
 
 
 def instance_ledger_url(instance: dg.DagsterInstance) -> str:
     """`ledger_url` of the instance's settings (${env:NAME} allowed), else the instance's own
     Postgres database when it has one, else SQLite under DAGSTER_HOME."""
-    configured = instance_settings(instance).get("ledger_url")
+    root = Path(instance.root_directory)
+    configured = configured_ledger_url(root)
     if configured:
-        return expand_env(str(configured))
+        return configured
     postgres_url = getattr(instance.run_storage, "postgres_url", None)
     if postgres_url:
         return postgres_url
-    return f"sqlite:///{Path(instance.root_directory).resolve() / 'batch_ledger.db'}"
+    return sqlite_ledger_url(root)
 
 
 def open_ledger(instance: dg.DagsterInstance) -> Ledger:
     """The instance's ledger; the caller closes it (or uses it in a `with`)."""
     return Ledger(instance_ledger_url(instance))
+
+
+class Heartbeat:
+    """Calls `beat` every `every_s` seconds on a thread of its own until stopped. A beat that
+    raises is logged and the next one tried: a busy database must not end the run."""
+
+    def __init__(self, beat: Callable[[], None], every_s: float = 1.0):
+        self.beat, self.every_s = beat, every_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="batch-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.beat()
+            except Exception:
+                logging.getLogger(__name__).warning("heartbeat failed", exc_info=True)
+            if self.stopped.wait(self.every_s):
+                return
 
 
 class BatchStorageResource(dg.ConfigurableResource):
@@ -60,6 +77,7 @@ class BatchStorageResource(dg.ConfigurableResource):
                             "empty: DAGSTER_HOME/batch_output")
     _ledger: Ledger | None = PrivateAttr(default=None)
     _engines: dict[str, RunEngine] = PrivateAttr(default_factory=dict)
+    _heartbeats: dict[str, Heartbeat] = PrivateAttr(default_factory=dict)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -72,6 +90,9 @@ class BatchStorageResource(dg.ConfigurableResource):
         for engine in self._engines.values():
             engine.close()
         self._engines.clear()
+        for heartbeat in self._heartbeats.values():
+            heartbeat.stop()
+        self._heartbeats.clear()
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
@@ -82,6 +103,14 @@ class BatchStorageResource(dg.ConfigurableResource):
             if run_id not in self._engines:
                 self._engines[run_id] = build()
             return self._engines[run_id]
+
+    def keep_beating(self, run_id: str, beat: Callable[[], None]) -> None:
+        """`beat` about every second for as long as the run's resources live in this process
+        (the whole run in process; a step under the multiprocess executor): the partition
+        lease stays held through every step, however long one goes without running items."""
+        with self._lock:
+            if run_id not in self._heartbeats:
+                self._heartbeats[run_id] = Heartbeat(beat).start()
 
     def ledger(self, instance: dg.DagsterInstance) -> Ledger:
         if self._ledger is None:  # used outside a run (tests, scripts): opened on demand

@@ -42,3 +42,21 @@ def hold_until_file(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     while not os.path.exists(ctx.params["marker"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return {"released": True}
+
+
+heartbeat_ages: list[float] = []  # lease heartbeat ages seen by watch_lease_for
+
+
+def watch_lease_for(rows: Any, ctx: Any) -> dict[str, Any]:
+    """An after step that runs no items for params.seconds, noting every 0.25 s how old the
+    partition lease's heartbeat is (as another process deciding whether the run lives would)."""
+    from batch_defs.ledger import Ledger
+
+    heartbeat_ages.clear()
+    with Ledger(ctx.params["ledger_url"]) as ledger:
+        deadline = time.time() + float(ctx.params["seconds"])
+        while time.time() < deadline:
+            holder = ledger.lease_holder(ctx.batch, ctx.partition)
+            heartbeat_ages.append(time.time() - holder.heartbeat_at if holder else -1.0)
+            time.sleep(0.25)
+    return {}

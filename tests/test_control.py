@@ -20,9 +20,10 @@ from batch_defs import control
 from batch_defs.control import ControlError, effective_state
 from batch_defs.definitions import build_definitions
 from batch_defs.env import RUN_ENV_MARKER
+from batch_defs.home import SETTINGS_FILE
 from batch_defs.ledger import LeaseHolder, Ledger
 from batch_defs.states import RunState
-from resources.storage import SETTINGS_FILE, instance_ledger_url, open_ledger
+from resources.storage import instance_ledger_url, open_ledger
 from tests.conftest import cli, inline_items, run_batch, write_batch
 from tests.test_sensors import end_of_run
 

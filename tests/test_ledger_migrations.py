@@ -14,7 +14,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from batch_defs.ledger import Ledger, metadata
-from batch_defs.schema import RELEASE_1, VERSION_TABLE, downgrade, head_revision, upgrade
+from batch_defs.schema import (
+    RELEASE_1,
+    VERSION_TABLE,
+    alembic_head,
+    downgrade,
+    head_revision,
+    upgrade,
+)
 from batch_defs.states import ItemStatus
 from tests.conftest import fresh_pg_database
 
@@ -47,6 +54,13 @@ def test_revisions_build_what_ledger_py_declares_on_postgres() -> None:
         upgrade(engine)
         assert schema_differences(engine) == []
         engine.dispose()
+
+
+@pytest.mark.unit
+def test_the_head_revision_the_code_expects_is_the_newest_script() -> None:
+    # Opening a ledger compares its stored revision with HEAD_REVISION, not with what
+    # Alembic would find by loading every script: the two must never drift apart.
+    assert head_revision() == alembic_head()
 
 
 @pytest.mark.unit

@@ -12,6 +12,7 @@ To change a ledger table (batch_defs/ledger.py holds the target schema):
    `revision = "0003"` and `down_revision = "0002"`; write its upgrade() (add columns, backfill
    existing rows with `op.execute`) and downgrade(). Spell values out in the revision (no
    imports from batch_defs): a revision records history and must not change with the code.
+   Set HEAD_REVISION in batch_defs/schema.py to the new number.
 3. Run tests/test_ledger_migrations.py: it fails, listing the differences, until the revisions
    build exactly what ledger.py declares, on SQLite and on Postgres.
 """
