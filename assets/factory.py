@@ -159,8 +159,9 @@ class BatchStep:
         register_resources(getattr(context.resources, key)
                            for key in sorted(context.op_def.required_resource_keys))
         self.hold_partition()
-        self.storage.keep_beating(self.run_id, partial(
-            beat, context.instance, self.ledger, self.spec.name, self.partition, self.run_id))
+        self.beat = partial(beat, context.instance, self.ledger, self.spec.name,
+                            self.partition, self.run_id)
+        self.storage.keep_beating(self.run_id, self.beat)
 
     def hold_partition(self) -> None:
         # Under the multiprocess executor a step is a child of the run's process, which
@@ -198,6 +199,13 @@ class BatchStep:
             # Later steps run in this process only with the in-process executor.
             ahead=self.spec.options.executor == "in_process")
         return RunEngine(plan, self.ledger.run_state(self.run_id))
+
+    def start_run(self, total_items: int) -> None:
+        """The run's ledger row (unless it exists), with Dagster's view of the run at once:
+        `batch-defs status` reads the ledger alone from the first second."""
+        self.ledger.start_run(self.run_id, self.spec.name, self.partition, total_items,
+                              [p.name for p in self.spec.phases], self.context.run.parent_run_id)
+        self.beat()
 
     def check_in(self) -> None:
         """Called about every second while items run: the progress line and tags."""
@@ -355,8 +363,7 @@ def build_fan_out(loaded: LoadedBatch) -> dg.OpDefinition:
         except SourceError as exc:
             step.fail_fan_out(f"source {spec.source.type}: {exc}", streaming is not None)
         total, invalid = read.spool.count, read.invalid
-        step.ledger.start_run(step.run_id, spec.name, step.partition, total,
-                              [p.name for p in spec.phases], context.run.parent_run_id)
+        step.start_run(total)
         if streaming is not None:
             step.ledger.set_total_items(step.run_id, total)  # the count, for the bound
         if read.first_invalid:
@@ -415,8 +422,7 @@ def start_streaming(step: BatchStep, loaded: LoadedBatch) -> Streaming | None:
     if not bound:
         return None
     bound = min(bound, spec.options.max_items)
-    step.ledger.start_run(step.run_id, spec.name, step.partition, bound,
-                          [p.name for p in spec.phases], step.context.run.parent_run_id)
+    step.start_run(bound)
     engine = step.engine()
     return Streaming(chunk_size(bound, spec.options.slots, spec.options.chunk_size), bound,
                      lambda ref: engine.add_chunks([ref]))
@@ -439,9 +445,7 @@ def _cached_handler(loaded: LoadedBatch, task: str, params_json: str) -> Handler
 def ensure_run_row(step: BatchStep, ref: ChunkRef) -> None:
     """A re-execution whose fan-out did not run again has no batch_run row yet."""
     if not step.ledger.run_state(step.run_id).exists:
-        step.ledger.start_run(step.run_id, step.spec.name, step.partition, ref.total_items,
-                              [p.name for p in step.spec.phases],
-                              step.context.run.parent_run_id)
+        step.start_run(ref.total_items)
 
 
 def build_phase_op(loaded: LoadedBatch, index: int) -> dg.OpDefinition:
