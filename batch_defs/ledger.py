@@ -1029,11 +1029,16 @@ def _final_status(phases: Sequence[str]) -> Any:
 
 TEXT_COLUMNS = ("batch", "partition", "run_id", "phase", "item_key", "status", "error",
                 "reused_from", "worker", "skip_cause", "branch")
+STORED_TEXT_COLUMNS = (*TEXT_COLUMNS, *HEAVY_COLUMNS)  # what _row makes storable
 
 
 def storable(text: str) -> str:
     """Text every database takes: NUL (which Postgres refuses) spelled out, and characters
     UTF-8 cannot encode (lone surrogates) replaced."""
+    if text.isascii() and "\x00" not in text:
+        # Nearly every value: ASCII holds no surrogate. str() makes a StrEnum plain text
+        # (as the encoding below does) and returns plain text itself, uncopied.
+        return str(text)
     text = text.replace("\x00", "\\0")
     return text.encode("utf-8", "replace").decode("utf-8")
 
@@ -1042,16 +1047,19 @@ def _row(row: Mapping[str, Any]) -> dict[str, Any]:
     from batch_defs.secrets import mask
 
     out = {c: row.get(c) for c in ITEM_COLUMNS}
-    for column in ("input", "output", "attempt_log"):
-        if out[column] is not None and not isinstance(out[column], str):
-            out[column] = to_json(out[column])
-    for column in (*TEXT_COLUMNS, *HEAVY_COLUMNS):
+    for column in STORED_TEXT_COLUMNS:
         value = out[column]
+        if value is None:
+            continue
+        if column in HEAVY_COLUMNS and not isinstance(value, str):
+            value = to_json(value)
         if isinstance(value, str):
             out[column] = storable(value)
     # Servers echo credentials back in errors: the stored text never holds a known secret.
-    out["error"] = mask(out["error"])
-    out["attempt_log"] = mask(out["attempt_log"])
+    if out["error"]:
+        out["error"] = mask(out["error"])
+    if out["attempt_log"]:
+        out["attempt_log"] = mask(out["attempt_log"])
     out["attempts"] = out["attempts"] or 0
     out["cost"] = out["cost"] or 0.0
     out["tokens"] = out["tokens"] or 0

@@ -11,8 +11,8 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from batch_defs.ledger import SOURCE_PHASE, Ledger, LedgerWriteError
-from batch_defs.states import MAX_ITEM_KEY_LENGTH
+from batch_defs.ledger import SOURCE_PHASE, Ledger, LedgerWriteError, storable
+from batch_defs.states import MAX_ITEM_KEY_LENGTH, ItemStatus
 from resources.storage import open_ledger
 from tests.conftest import fresh_pg_database, run_batch, write_batch
 
@@ -82,3 +82,17 @@ def test_a_row_the_database_refuses_is_stored_as_a_failure_that_says_why() -> No
         with engine.connect() as conn:
             assert conn.execute(sa.text("select count(*) from batch_item")).scalar() == 2
         engine.dispose()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("value", "stored"), [
+    ("plain key 42", "plain key 42"),
+    (ItemStatus.FAILED, "failed"),  # a StrEnum is stored as its plain value
+    ("bad\x00byte", "bad\\0byte"),
+    ("caf\u00e9 \udc80", "caf\u00e9 ?"),  # a lone surrogate UTF-8 cannot encode
+    ("caf\u00e9", "caf\u00e9"),
+])
+def test_text_is_made_storable_as_plain_str(value: str, stored: str) -> None:
+    made = storable(value)
+    assert made == stored
+    assert type(made) is str
