@@ -23,9 +23,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from batch_defs.loader import SpecError, batch_files, find_batch, load_batch, with_overrides
-from batch_defs.workers import validate_notes
-
 
 def make_console(stderr: bool) -> Console:
     """A terminal gets colours and its width; a pipe or file gets plain text, never wrapped
@@ -55,6 +52,7 @@ def refusals() -> tuple[type[Exception], ...]:
     """Errors that refuse a command before anything ran. Imported once one is raised:
     batch_defs.control imports Dagster, which `status` of a live run does without."""
     from batch_defs.control import ControlError
+    from batch_defs.loader import SpecError
     from batch_defs.schema import LedgerSchemaError
     from batch_defs.sources import SourceError
 
@@ -109,6 +107,9 @@ def validate(targets: tuple[str, ...], data: str | None, sets: tuple[str, ...],
     With --data or --items, every item of the source is keyed and checked against the
     schema, and each invalid item is listed with its row number and reason.
     """
+    from batch_defs.loader import SpecError, batch_files, find_batch, load_batch
+    from batch_defs.workers import validate_notes
+
     loaded_batches, problems = [], 0
     paths = [Path(t) if Path(t).exists() else None for t in targets]
     try:
@@ -140,6 +141,7 @@ def validate(targets: tuple[str, ...], data: str | None, sets: tuple[str, ...],
 def check_source(loaded: Any, data: str | None, sets: tuple[str, ...]) -> int:
     """Read the batch's source and report invalid items; the number of problems found."""
     from batch_defs.items import InvalidRow, check_records
+    from batch_defs.loader import SpecError, with_overrides
     from batch_defs.sources import SourceError, read_source
 
     name = loaded.spec.name

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from batch_defs.states import FAILURE_STATUSES, ItemStatus, RunState, SkipCause, StopKind
 
@@ -375,8 +374,15 @@ class Ledger:
         return _queries[self.url]
 
     def _insert(self, table: sa.Table) -> Any:
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        return dialect.insert(table)
+        # The dialect's own insert (for on_conflict), imported for the database in use only:
+        # `status` of a live run on SQLite need not load the Postgres dialect.
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            return postgresql.insert(table)
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert(table)
 
     def start_run(self, run_id: str, batch: str, partition: str, total_items: int,
                   phases: Sequence[str], parent_run_id: str | None = None) -> None:
