@@ -1062,10 +1062,8 @@ def _row(row: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, str):
             out[column] = storable(value)
     # Servers echo credentials back in errors: the stored text never holds a known secret.
-    if out["error"]:
-        out["error"] = mask(out["error"])
-    if out["attempt_log"]:
-        out["attempt_log"] = mask(out["attempt_log"])
+    out["error"] = mask(out["error"])
+    out["attempt_log"] = mask(out["attempt_log"])
     out["attempts"] = out["attempts"] or 0
     out["cost"] = out["cost"] or 0.0
     out["tokens"] = out["tokens"] or 0
