@@ -49,6 +49,7 @@ class Watch:
 
     stop: threading.Event = field(default_factory=threading.Event)
     peak_rss: int = 0
+    peak_at: float = 0.0  # when the peak was sampled (seconds since launch)
     status_s: list[float] = field(default_factory=list)
     status_at: list[float] = field(default_factory=list)  # when each was asked (since launch)
     launched: float = field(default_factory=time.perf_counter)
@@ -66,7 +67,8 @@ def sample_memory(process: psutil.Process, watch: Watch) -> None:
             for member in tree:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     rss += member.memory_info().rss
-            watch.peak_rss = max(watch.peak_rss, rss)
+            if rss > watch.peak_rss:
+                watch.peak_rss, watch.peak_at = rss, time.perf_counter() - watch.launched
         except psutil.NoSuchProcess:
             return
         watch.stop.wait(SAMPLE_S)
@@ -172,6 +174,7 @@ def run(items: int, concurrency: int, webserver: bool) -> dict[str, Any]:
         log = (bench.root / "run.log").open("w")
         try:
             started = watch.launched = time.perf_counter()
+            launched_at = time.time()  # the ledger's clock
             process = subprocess.Popen(bench.cli_command(name, partition), env=bench.env,
                                        cwd=bench.root, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
@@ -195,9 +198,14 @@ def run(items: int, concurrency: int, webserver: bool) -> dict[str, Any]:
                 stop_group(server)
         run_id = watch.run_id or bench.run_id(name, partition)
         rows = bench.row_count(run_id) if run_id else 0
+        # Which stage holds the peak: the items' (before the last finished) or the results
+        # step's and the summary's (after it).
+        last_item_s = (bench.query("select max(finished_at) from batch_item where run_id = ?",
+                                   run_id)[0][0] - launched_at) if run_id else None
         tail = (bench.root / "run.log").read_text()[-2000:] if returncode else ""
     return {"items": items, "concurrency": concurrency, "returncode": returncode,
             "wall_s": wall_s, "threads_s": threads_s, "peak_rss_mb": watch.peak_rss / 2**20,
+            "peak_at_s": watch.peak_at, "last_item_s": last_item_s,
             "ledger_rows": rows, "status_calls": len(watch.status_s),
             "status_errors": watch.status_errors,
             "status_p50_s": percentile(watch.status_s, 0.5),
@@ -226,13 +234,19 @@ def render(result: dict[str, Any]) -> None:
         value = result.get(key)
         return "-" if value is None else f"{value:.2f} s"
 
+    def s_of(key: str) -> str:
+        value = result.get(key)
+        return "-" if value is None else f"{value:.0f} s"
+
     items = result["items"]
     scale = items / 1_000_000
     rows = [
         ["wall time of `batch-defs run`", f"{result['wall_s']:.1f} s "
          f"({result['wall_s'] / 60:.1f} min; plain threads {result['threads_s']:.1f} s)",
          f"< {600 * scale:.0f} s" + (" (10 min at 1M, scaled)" if scale != 1 else "")],
-        ["peak memory of the run's process tree", f"{result['peak_rss_mb']:.0f} MB", "< 1024 MB"],
+        ["peak memory of the run's process tree", f"{result['peak_rss_mb']:.0f} MB at "
+         f"{result['peak_at_s']:.0f} s (the last item finished at {s_of('last_item_s')})",
+         "< 1024 MB"],
         ["ledger rows afterwards", f"{result['ledger_rows']:,} of {items:,}", f"{items:,}"],
         ["`batch-defs status RUN` during the run",
          f"p50 {s('status_p50_s')}, p95 {s('status_p95_s')}, max {s('status_max_s')} "
