@@ -311,14 +311,14 @@ class BatchStep:
 
     def record_items(self, summary: RunSummary, state: RunState) -> None:
         """The run's record on its results asset when it will not materialize it."""
-        from assets.results import READ_COLUMNS, record_run
+        from assets.results import read_result_rows, record_run
 
         if (self.run_id, state) in _recorded:
             return  # the steps that stop after the first one add nothing to say
         _recorded.add((self.run_id, state))
         run = self.ledger.run(self.run_id)
         record_run(self.context.instance, summary, [p.name for p in self.spec.phases],
-                   self.ledger.rows(self.run_id, columns=READ_COLUMNS),
+                   read_result_rows(self.ledger, self.run_id),
                    run["started_at"] if run else None, state)
 
 

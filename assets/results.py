@@ -7,11 +7,12 @@ rejected items first, the command that lists them all, and the charts; and each 
 quality is an asset check that goes red when its failures put the run beyond tolerance.
 """
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
-from batch_defs.ledger import SOURCE_PHASE
+from batch_defs.ledger import SOURCE_PHASE, Ledger
 from batch_defs.spec import BatchSpec
 from batch_defs.states import FAILURE_STATUSES, RunState
 from batch_defs.summary import OUTCOMES, PhaseCounts, RunSummary
@@ -25,8 +26,23 @@ if TYPE_CHECKING:
 TABLE_ROWS = 100  # items shown in the asset's metadata; the ledger has them all
 SOURCE_CHECK = "source_items"  # phase checks are PHASE_quality: no phase name gives this
 COLUMNS = ["item_key", "phase", "status", "attempts", "duration_s", "cost", "error"]
-# What the results metadata, its charts and checks read of every row, and no more.
-READ_COLUMNS = [*COLUMNS, "started_at", "finished_at", "reused_from"]
+FAILURES_SHOWN = 10  # a phase check's first failures
+
+
+@dataclass(frozen=True)
+class ResultRows:
+    """What the results asset reads of a run's rows, bounded however many the run has: the
+    rows its tables show (every phase's first failing ones, the first others) and the
+    timings its charts bin (four numbers or so a row)."""
+
+    shown: "pd.DataFrame"
+    timings: "pd.DataFrame"
+
+
+def read_result_rows(ledger: Ledger, run_id: str) -> ResultRows:
+    return ResultRows(ledger.shown_rows(run_id, COLUMNS, failing_per_phase=TABLE_ROWS,
+                                        others=TABLE_ROWS),
+                      ledger.executed_timings(run_id))
 
 
 def results_asset_key(batch: str) -> dg.AssetKey:
@@ -81,7 +97,7 @@ def item_table(rows: "pd.DataFrame", limit: int = TABLE_ROWS) -> dg.TableMetadat
     return dg.MetadataValue.table(records, schema)
 
 
-def results_metadata(summary: RunSummary, rows: "pd.DataFrame",
+def results_metadata(summary: RunSummary, rows: ResultRows,
                      started_at: float | None = None, state: RunState | None = None
                      ) -> dict[str, Any]:
     from batch_defs.report import charts_markdown
@@ -97,7 +113,7 @@ def results_metadata(summary: RunSummary, rows: "pd.DataFrame",
     if summary.stop_reason:
         metadata["stopped"] = dg.MetadataValue.text(summary.stop_reason)
     # Failures first, and the command for all of them, before the figures.
-    metadata["items_table"] = item_table(rows)
+    metadata["items_table"] = item_table(rows.shown)
     metadata["all_failures"] = dg.MetadataValue.text(summary.results_hint())
     metadata["per_phase"] = dg.MetadataValue.json(
         {phase: counts.model_dump() for phase, counts in summary.per_phase.items()})
@@ -106,7 +122,7 @@ def results_metadata(summary: RunSummary, rows: "pd.DataFrame",
                      "tokens": summary.tokens, "run_cost": summary.run_cost,
                      "run_tokens": summary.run_tokens})
     # Data-URI images in markdown: the asset page shows them without a file server.
-    metadata["charts"] = dg.MetadataValue.md(charts_markdown(rows, started_at))
+    metadata["charts"] = dg.MetadataValue.md(charts_markdown(rows.timings, started_at))
     metadata["full_results"] = dg.MetadataValue.text(
         f"batch-defs results {summary.run_id} --format csv")
     metadata["report"] = dg.MetadataValue.text(
@@ -118,41 +134,43 @@ def results_metadata(summary: RunSummary, rows: "pd.DataFrame",
     return metadata
 
 
-def phase_checks(summary: RunSummary, phases: list[str], rows: "pd.DataFrame",
+def phase_checks(summary: RunSummary, phases: list[str], shown: "pd.DataFrame",
                  ) -> list[tuple[str, bool, dict[str, Any]]]:
     """(check name, passed, metadata) per phase: a phase fails its check when it has failed
-    or rejected items (invalid ones, for the source) and the run is beyond tolerance."""
+    or rejected items (invalid ones, for the source) and the run is beyond tolerance.
+    `shown` holds at least each phase's first FAILURES_SHOWN failing rows."""
     beyond = not summary.within_tolerance
     checks = []
     for phase in [SOURCE_PHASE, *phases]:
         counts = summary.per_phase.get(phase) or PhaseCounts()
         bad = counts.failed + counts.rejected + counts.invalid
-        part = rows[(rows["phase"] == phase) & rows["status"].isin(FAILURE_STATUSES)]
+        part = shown[(shown["phase"] == phase) & shown["status"].isin(FAILURE_STATUSES)]
         rate = counts.success_rate
         metadata: dict[str, Any] = {
             "success_rate": 1.0 if rate is None else rate,
             **{name: getattr(counts, name) for name in OUTCOMES},
             "tolerated_failures": summary.tolerated_failures or 0,
             "run_failures": summary.counted_failures,
-            "first_failures": dg.MetadataValue.text(failure_lines(part)),
+            "first_failures": dg.MetadataValue.text(failure_lines(part, bad)),
             "all_failures": dg.MetadataValue.text(summary.results_hint()),
         }
         checks.append((phase_check_name(phase), not (beyond and bad), metadata))
     return checks
 
 
-def failure_lines(rows: "pd.DataFrame", shown: int = 10) -> str:
-    """`3 (failed, 1 attempts): ValueError: bad record 3; ...`: shown whole in the UI."""
+def failure_lines(rows: "pd.DataFrame", total: int, shown: int = FAILURES_SHOWN) -> str:
+    """`3 (failed, 1 attempts): ValueError: bad record 3; ...`: shown whole in the UI. `rows`
+    are the first failing rows, `total` how many there are in all."""
     if rows.empty:
         return "none"
     lines = [f"{r.item_key} ({r.status}, {int(r.attempts)} attempts): {r.error or ''}"
              for r in rows.head(shown).itertuples()]
-    if len(rows) > shown:
-        lines.append(f"... {len(rows) - shown} more")
+    if total > shown:
+        lines.append(f"... {total - shown} more")
     return "; ".join(lines)
 
 
-def check_evaluations(summary: RunSummary, phases: list[str], rows: "pd.DataFrame",
+def check_evaluations(summary: RunSummary, phases: list[str], rows: ResultRows,
                       partition: str | None) -> list[dg.AssetCheckEvaluation]:
     key = results_asset_key(summary.batch or "")
     return [dg.AssetCheckEvaluation(asset_key=key, check_name=name, passed=passed,
@@ -160,11 +178,11 @@ def check_evaluations(summary: RunSummary, phases: list[str], rows: "pd.DataFram
                                     severity=dg.AssetCheckSeverity.ERROR,
                                     description=None if passed else
                                     "failures beyond tolerated_failures")
-            for name, passed, metadata in phase_checks(summary, phases, rows)]
+            for name, passed, metadata in phase_checks(summary, phases, rows.shown)]
 
 
 def record_run(instance: dg.DagsterInstance, summary: RunSummary, phases: list[str],
-               rows: "pd.DataFrame", started_at: float | None, state: RunState) -> None:
+               rows: ResultRows, started_at: float | None, state: RunState) -> None:
     """A run that did not materialize its results (failed, paused, canceled) still leaves
     its record on the asset: an observation with the results metadata, and the checks.
 
@@ -190,7 +208,7 @@ def build_results_op(spec: BatchSpec) -> dg.OpDefinition:
                        "evaluates each phase's quality check.")
     def results(context: dg.OpExecutionContext, summary: dict[str, Any]) -> Any:
         ledger = context.resources.batch_storage.ledger(context.instance)
-        rows = ledger.rows(context.run_id, columns=READ_COLUMNS)
+        rows = read_result_rows(ledger, context.run_id)
         run = ledger.run(context.run_id)
         typed = RunSummary.model_validate(summary)
         metadata = results_metadata(typed, rows, run["started_at"] if run else None,
@@ -202,7 +220,7 @@ def build_results_op(spec: BatchSpec) -> dg.OpDefinition:
         ledger.release_lease(spec.name, context.partition_key, context.run_id)
         yield dg.Output(summary, output_name="result", metadata=metadata)
         phases = [p.name for p in spec.phases]
-        for name, passed, check_metadata in phase_checks(typed, phases, rows):
+        for name, passed, check_metadata in phase_checks(typed, phases, rows.shown):
             yield dg.AssetCheckResult(asset_key=results_asset_key(spec.name),
                                       check_name=name, passed=passed, metadata=check_metadata,
                                       severity=dg.AssetCheckSeverity.ERROR)

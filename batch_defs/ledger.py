@@ -759,6 +759,40 @@ class Ledger:
             query = query.where(t.phase == phase)
         if keys is not None:
             query = query.where(t.item_key.in_(list(keys)))
+        return self._frame(query, wanted)
+
+    def shown_rows(self, run_id: str, columns: Sequence[str], failing_per_phase: int,
+                   others: int) -> pd.DataFrame:
+        """What a summary of the run shows of its rows, however many it has, in source order:
+        the first `failing_per_phase` failed, invalid or rejected rows of each phase, and the
+        first `others` of the rest. (The first N failing rows of the run are among them.)"""
+        t = item_table.c
+        failing = t.status.in_([status.value for status in FAILURE_STATUSES])
+        rank = sa.func.row_number().over(partition_by=t.phase, order_by=(t.seq, t.id))
+        ranked = (sa.select(t.id, rank.label("rank"))
+                  .where(t.run_id == run_id, failing).subquery())
+        first_failing = sa.select(ranked.c.id).where(ranked.c.rank <= failing_per_phase)
+        first_others = (sa.select(t.id).where(t.run_id == run_id, sa.not_(failing))
+                        .order_by(t.seq, t.id).limit(others))
+        wanted = [item_table.c[name] for name in columns]
+        query = (sa.select(*wanted)
+                 .where(sa.or_(t.id.in_(first_failing), t.id.in_(first_others)))
+                 .order_by(t.seq, t.id))
+        return self._frame(query, wanted)
+
+    def executed_timings(self, run_id: str) -> pd.DataFrame:
+        """Phase, times and duration of every item-phase the run executed itself (not
+        carried over, not rejected by the source): what its charts bin, and no more."""
+        t = item_table.c
+        wanted = [t.phase, t.started_at, t.finished_at, t.duration_s, t.reused_from]
+        query = (sa.select(*wanted)
+                 .where(t.run_id == run_id, t.phase != SOURCE_PHASE,
+                        t.reused_from.is_(None), t.finished_at.is_not(None))
+                 .order_by(t.seq, t.id))
+        return self._frame(query, wanted)
+
+    def _frame(self, query: sa.Select[Any], wanted: Sequence[sa.ColumnElement[Any]]
+               ) -> pd.DataFrame:
         import pandas as pd
 
         names = [c.name for c in wanted]

@@ -72,9 +72,10 @@ def test_a_rate_spaces_calls_evenly(unit_ledger: Ledger) -> None:
     gate = Gate(LedgerLimitStore(unit_ledger), [Bucket("run:r:p", "phase p", 20.0)])
     starts = take(gate, 100, threads=8)
     span = max(starts) - min(starts)
-    # 100 calls at 20/s: the first at once, the last 99/20 = 4.95 s later (a caller woken
-    # late on a loaded machine gives up its moment: up to 25% longer, never shorter).
-    assert 4.95 * 0.95 < span < 4.95 * 1.25, span
+    # 100 calls at 20/s: the first at once, the last 99/20 = 4.95 s later, never sooner. A
+    # caller woken late gives up its moment, so a loaded machine stretches the span (25% and
+    # more under the whole suite): the upper bound only catches a limiter at 12.5/s or less.
+    assert 4.95 * 0.95 < span < 4.95 * 1.6, span
     assert max_in_window(starts) <= 21
 
 
