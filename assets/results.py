@@ -33,7 +33,7 @@ FAILURES_SHOWN = 10  # a phase check's first failures
 class ResultRows:
     """What the results asset reads of a run's rows, bounded however many the run has: the
     rows its tables show (every phase's first failing ones, the first others) and the
-    timings its charts bin (four numbers or so a row)."""
+    timings its charts bin (five columns of each executed row)."""
 
     shown: "pd.DataFrame"
     timings: "pd.DataFrame"

@@ -230,13 +230,9 @@ def over_1s(result: dict[str, Any]) -> str:
 
 
 def render(result: dict[str, Any]) -> None:
-    def s(key: str) -> str:
+    def s(key: str, digits: int = 2) -> str:
         value = result.get(key)
-        return "-" if value is None else f"{value:.2f} s"
-
-    def s_of(key: str) -> str:
-        value = result.get(key)
-        return "-" if value is None else f"{value:.0f} s"
+        return "-" if value is None else f"{value:.{digits}f} s"
 
     items = result["items"]
     scale = items / 1_000_000
@@ -245,7 +241,7 @@ def render(result: dict[str, Any]) -> None:
          f"({result['wall_s'] / 60:.1f} min; plain threads {result['threads_s']:.1f} s)",
          f"< {600 * scale:.0f} s" + (" (10 min at 1M, scaled)" if scale != 1 else "")],
         ["peak memory of the run's process tree", f"{result['peak_rss_mb']:.0f} MB at "
-         f"{result['peak_at_s']:.0f} s (the last item finished at {s_of('last_item_s')})",
+         f"{result['peak_at_s']:.0f} s (the last item finished at {s('last_item_s', 0)})",
          "< 1024 MB"],
         ["ledger rows afterwards", f"{result['ledger_rows']:,} of {items:,}", f"{items:,}"],
         ["`batch-defs status RUN` during the run",

@@ -10,6 +10,7 @@ import pytest
 
 from assets.results import (
     COLUMNS,
+    FAILURES_SHOWN,
     TABLE_ROWS,
     ResultRows,
     failures_first,
@@ -69,7 +70,7 @@ def test_bounded_reads_show_what_every_row_showed(ledger_with_many_failures: Led
     first_failures = {name: str(meta["first_failures"].value) for name, _, meta in checks}
     failed_fetch = int((every["phase"].eq("fetch") & every["status"].eq("failed")).sum())
     assert failed_fetch > TABLE_ROWS  # more than a table's worth: the count is the tally's
-    assert first_failures["fetch_quality"].endswith(f"... {failed_fetch - 10} more")
+    assert first_failures["fetch_quality"].endswith(f"... {failed_fetch - FAILURES_SHOWN} more")
     # The charts bin the same item-phases: executed ones only (no source rows, no carried).
     assert executed(bounded.timings).equals(bounded.timings)
     assert len(bounded.timings) == len(executed(every))
